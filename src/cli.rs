@@ -1,0 +1,241 @@
+//! Command-line definitions: one subcommand per verb.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+use litework::input::Format;
+use litework::queue::Status;
+
+const EXIT_CODES: &str = "\
+Exit status: 0 success; 1 some items ended failed (worker: items it recorded \
+failed); 2 usage or input error (bad arguments, malformed input, a file that \
+is not a litework database): nothing was changed; 3 a failure while working \
+(I/O, database).";
+
+/// Run large batches of work items across worker processes coordinated
+/// through one SQLite database.
+#[derive(Debug, Parser)]
+#[command(name = "litework", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// The queue database file.
+    #[arg(
+        long,
+        global = true,
+        env = "LITEWORK_DB",
+        default_value = "litework.db"
+    )]
+    pub db: PathBuf,
+
+    /// Fsync every commit (synchronous = FULL): no committed outcome is lost
+    /// on power failure, at some cost in speed.
+    #[arg(long, global = true)]
+    pub durable: bool,
+
+    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only errors in the log.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// Log line format on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the queue database (does nothing if it already exists).
+    Init,
+    /// Add items from a file or standard input, all in one transaction.
+    Add(AddArgs),
+    /// Process items: claim, run the command, record, until the queue drains.
+    Worker(WorkerArgs),
+    /// Show counts by status, rates and the age of the oldest ready item.
+    Status(StatusArgs),
+    /// List items, with their last errors.
+    List(ListArgs),
+    /// Send failed items (or the given ids) back to pending with fresh attempts.
+    Retry(RetryArgs),
+    /// Requeue expired leases, or every lease of a worker known to be dead.
+    RequeueStale(RequeueArgs),
+    /// Write items and their results as JSON Lines or CSV.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// Input file; `-` or nothing reads standard input.
+    pub input: Option<PathBuf>,
+
+    /// How the input is split into items.
+    #[arg(long, value_enum, default_value_t = Format::Lines)]
+    pub format: Format,
+
+    /// Use each payload as its dedupe key, so adding the same input again
+    /// adds nothing (JSON Lines records with a "key" keep their own).
+    #[arg(long, alias = "dedupe")]
+    pub key_from_payload: bool,
+
+    /// Priority of items that do not set one; higher runs first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i64,
+
+    /// Attempts before an item ends failed, for items that do not set it.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+
+    /// Do not run the items before this long from now (e.g. 10m).
+    #[arg(long, value_parser = duration)]
+    pub delay: Option<Duration>,
+
+    /// Longest record accepted, in bytes.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_record: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Items run at once (executor threads). Default: number of CPUs.
+    #[arg(short = 'c', long)]
+    pub concurrency: Option<usize>,
+
+    /// How long a claim holds an item; extended every third of it while the
+    /// item runs.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    pub lease: Duration,
+
+    /// Kill an item's process group after this long and count a failure.
+    #[arg(long, value_parser = duration)]
+    pub timeout: Option<Duration>,
+
+    /// Keep waiting for new items instead of exiting when the queue drains.
+    #[arg(long)]
+    pub follow: bool,
+
+    /// On SIGINT/SIGTERM, how long running items may take to finish before
+    /// they are killed and released back to pending.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    pub drain_timeout: Duration,
+
+    /// Pass the payload on standard input instead of as an argument.
+    #[arg(long, conflicts_with = "shell")]
+    pub stdin: bool,
+
+    /// Run the command words as a `sh -c` script; the payload is "$1".
+    #[arg(long)]
+    pub shell: bool,
+
+    /// Most bytes of standard output kept as an item's result.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub max_output: usize,
+
+    /// Delay before the first retry; doubles each attempt (with jitter).
+    #[arg(long, value_parser = duration, default_value = "1s")]
+    pub backoff_base: Duration,
+
+    /// Longest delay between retries.
+    #[arg(long, value_parser = duration, default_value = "5m")]
+    pub backoff_max: Duration,
+
+    /// An exit status meaning "failed for good, do not retry" (repeatable).
+    #[arg(long, value_name = "CODE")]
+    pub permanent_exit: Vec<i32>,
+
+    /// How often to requeue other workers' expired leases.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    pub sweep_interval: Duration,
+
+    /// Longest pause between checks for new items when idle.
+    #[arg(long, value_parser = duration, default_value = "100ms")]
+    pub idle_poll: Duration,
+
+    /// Identity to register under (the supervisor sets it); must be unique
+    /// per process start.
+    #[arg(long, hide = true)]
+    pub worker_id: Option<String>,
+
+    /// The command and its arguments. `{}` is replaced by the payload (as
+    /// part of that one argument), `{id}` and `{attempt}` by the item's id
+    /// and attempt; without `{}` the payload is appended as the last
+    /// argument.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only items with this status (pending, running, done, failed).
+    #[arg(long, value_parser = status)]
+    pub status: Option<Status>,
+
+    /// At most this many items.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u64,
+
+    /// JSON Lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// Items to retry; without ids, every failed item.
+    pub ids: Vec<i64>,
+}
+
+#[derive(Debug, Args)]
+pub struct RequeueArgs {
+    /// Requeue every lease held by this worker (known to be dead) instead
+    /// of only the expired ones.
+    #[arg(long)]
+    pub worker: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    Jsonl,
+    Csv,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+    pub format: ExportFormat,
+
+    /// Only items with this status; all items by default.
+    #[arg(long, value_parser = status)]
+    pub status: Option<Status>,
+
+    /// Write here instead of standard output.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m, 1h)"))
+}
+
+fn status(s: &str) -> Result<Status, String> {
+    s.parse()
+}

@@ -1,0 +1,538 @@
+//! Running one item as a command.
+//!
+//! The command runs without a shell: the payload is one argv element (or
+//! the child's standard input), so no byte of it is ever parsed as shell
+//! syntax. Where a shell is asked for, the script text is fixed when the
+//! worker starts and the payload reaches it as `"$1"`.
+//!
+//! Each child leads its own process group. A timeout, a lost lease or a
+//! shutdown kills the whole group, and so does the leader's exit: the
+//! processes of an item never outlive it (and cannot keep its output pipes
+//! open). The executor thread waits in `poll(2)` on the child's pipes and
+//! on a pidfd, so a finished child is noticed at once without a reaper
+//! thread or a sleep loop. On kernels without `pidfd_open` (before 5.3) the
+//! wait ends when the pipes close instead, so leftover background
+//! processes of an item are not killed there.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::queue::Job;
+use crate::worker::{Cancel, Outcome};
+
+/// Linux refuses a single argument or environment string longer than
+/// this (`MAX_ARG_STRLEN`, 32 pages).
+pub const MAX_ARG_BYTES: usize = 32 * 4096;
+
+/// Payloads up to this size are also passed in `LITEWORK_PAYLOAD`.
+const MAX_ENV_PAYLOAD: usize = 32 * 1024;
+
+/// How the payload reaches the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadMode {
+    /// In place of `{}` in the arguments, or as a last argument if there is
+    /// no `{}`.
+    Argument,
+    /// On standard input (and in place of any `{}`).
+    Stdin,
+    /// `sh -c SCRIPT litework PAYLOAD`: the script reads it as `"$1"`.
+    Shell,
+}
+
+/// A command to run for every item.
+#[derive(Debug, Clone)]
+pub struct CommandSpec {
+    program: OsString,
+    args: Vec<OsString>,
+    mode: PayloadMode,
+    append_payload: bool,
+    /// Most bytes of standard output kept as the item's result.
+    pub max_output: usize,
+    /// Most bytes of the end of standard error kept as the error.
+    pub max_error: usize,
+    /// Exit statuses that mean "do not retry".
+    pub permanent_exit: Vec<i32>,
+    /// Exported to the child as `LITEWORK_WORKER_ID`.
+    pub worker_id: String,
+}
+
+impl CommandSpec {
+    /// Checks the command line once, before any item is claimed: the
+    /// program must exist and be executable, and a shell script must not
+    /// contain `{}`, which would paste the payload into the script text.
+    pub fn new(argv: Vec<OsString>, mode: PayloadMode) -> Result<CommandSpec> {
+        let (program, args) = match mode {
+            PayloadMode::Shell => {
+                let script = join_words(&argv);
+                if script.is_empty() {
+                    return Err(Error::Config("--shell needs a script to run".into()));
+                }
+                if contains(script.as_bytes(), b"{}") {
+                    return Err(Error::Config(
+                        "--shell: the script contains {}: with --shell the payload is \"$1\"; \
+                         {} would paste it into the script text"
+                            .into(),
+                    ));
+                }
+                let args = vec!["-c".into(), script, "litework".into()];
+                (OsString::from("/bin/sh"), args)
+            }
+            _ => {
+                let mut it = argv.into_iter();
+                let program = it
+                    .next()
+                    .ok_or_else(|| Error::Config("no command given (put it after --)".into()))?;
+                (program, it.collect())
+            }
+        };
+        resolve_program(&program)?;
+        let append_payload =
+            mode == PayloadMode::Argument && !args.iter().any(|a| contains(a.as_bytes(), b"{}"));
+        Ok(CommandSpec {
+            program,
+            args,
+            mode,
+            append_payload,
+            max_output: 1024 * 1024,
+            max_error: 4096,
+            permanent_exit: Vec::new(),
+            worker_id: String::new(),
+        })
+    }
+
+    /// The argument vector for `job`, placeholders filled in.
+    fn argv(&self, job: &Job) -> Vec<OsString> {
+        let id = job.id.to_string();
+        let attempt = job.attempt.to_string();
+        let mut out: Vec<OsString> = self
+            .args
+            .iter()
+            .map(|a| {
+                let payload: &[u8] = if self.mode == PayloadMode::Shell {
+                    b"{}"
+                } else {
+                    &job.payload
+                };
+                OsString::from_vec(expand(
+                    a.as_bytes(),
+                    payload,
+                    id.as_bytes(),
+                    attempt.as_bytes(),
+                ))
+            })
+            .collect();
+        if self.append_payload || self.mode == PayloadMode::Shell {
+            out.push(OsString::from_vec(job.payload.clone()));
+        }
+        out
+    }
+
+    /// Runs the command for `job` and waits for it, or for `cancel`.
+    pub fn run(&self, job: &Job, cancel: &Cancel) -> Outcome {
+        let payload_in_argv = self.mode != PayloadMode::Stdin || self.args_have_payload();
+        if payload_in_argv {
+            if job.payload.contains(&0) {
+                return Outcome::Fail(
+                    "payload contains a NUL byte and cannot be a command argument; \
+                     use --stdin to pass it on standard input"
+                        .into(),
+                );
+            }
+            if job.payload.len() >= MAX_ARG_BYTES {
+                return Outcome::Fail(format!(
+                    "payload is {} bytes; Linux limits one command argument to {} bytes; \
+                     use --stdin to pass it on standard input",
+                    job.payload.len(),
+                    MAX_ARG_BYTES - 1
+                ));
+            }
+        }
+
+        let mut cmd = std::process::Command::new(&self.program);
+        cmd.args(self.argv(job))
+            .env("LITEWORK_ITEM_ID", job.id.to_string())
+            .env("LITEWORK_ATTEMPT", job.attempt.to_string())
+            .env("LITEWORK_MAX_ATTEMPTS", job.max_attempts.to_string())
+            .env("LITEWORK_WORKER_ID", &self.worker_id)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(if self.mode == PayloadMode::Stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            // Its own process group, so that one kill reaches everything the
+            // item started, and a Ctrl-C at the terminal reaches the worker
+            // (which drains) rather than every item at once.
+            .process_group(0);
+        match &job.key {
+            Some(k) => cmd.env("LITEWORK_KEY", k),
+            None => cmd.env_remove("LITEWORK_KEY"),
+        };
+        if job.payload.len() <= MAX_ENV_PAYLOAD && !job.payload.contains(&0) {
+            cmd.env("LITEWORK_PAYLOAD", OsStr::from_bytes(&job.payload));
+        } else {
+            cmd.env_remove("LITEWORK_PAYLOAD");
+        }
+
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {
+                return Outcome::Fail(format!("cannot start {:?}: {e}", self.program))
+            }
+            Err(e) => return Outcome::Retry(format!("cannot start {:?}: {e}", self.program)),
+        };
+        let stdin = if self.mode == PayloadMode::Stdin {
+            Some(job.payload.as_slice())
+        } else {
+            None
+        };
+        match wait_child(child, stdin, self.max_output, self.max_error, cancel) {
+            Ok(finished) => self.outcome(finished),
+            Err(e) => Outcome::Retry(format!("waiting for {:?}: {e}", self.program)),
+        }
+    }
+
+    fn args_have_payload(&self) -> bool {
+        self.args.iter().any(|a| contains(a.as_bytes(), b"{}"))
+    }
+
+    fn outcome(&self, f: Finished) -> Outcome {
+        let tail = String::from_utf8_lossy(&f.stderr_tail);
+        let tail = tail.trim();
+        let detail = if tail.is_empty() {
+            String::new()
+        } else {
+            format!(": {tail}")
+        };
+        match (f.status.code(), f.status.signal()) {
+            (Some(0), _) => Outcome::Done(f.stdout),
+            (Some(code), _) if self.permanent_exit.contains(&code) => {
+                Outcome::Fail(format!("exit status {code} (permanent){detail}"))
+            }
+            (Some(code), _) => Outcome::Retry(format!("exit status {code}{detail}")),
+            (None, Some(sig)) => Outcome::Retry(format!("killed by signal {sig}{detail}")),
+            (None, None) => Outcome::Retry(format!("ended with {}{detail}", f.status)),
+        }
+    }
+}
+
+/// What a finished child left behind.
+struct Finished {
+    status: std::process::ExitStatus,
+    stdout: Vec<u8>,
+    stderr_tail: Vec<u8>,
+}
+
+/// Feeds `stdin`, collects output and waits for the child, killing its
+/// group when `cancel` fires or when the leader exits.
+fn wait_child(
+    mut child: Child,
+    stdin: Option<&[u8]>,
+    max_output: usize,
+    max_error: usize,
+    cancel: &Cancel,
+) -> std::io::Result<Finished> {
+    let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+    // The hook runs under the cancel lock and is removed (under the same
+    // lock) before the child is reaped: a kill can only reach the group
+    // while its leader, at worst a zombie, still holds the pid, never a
+    // process that reused it.
+    cancel.set_hook(Box::new(move || kill_group(pid)));
+
+    let mut out = child.stdout.take().map(Pipe::new);
+    let mut err = child.stderr.take().map(Pipe::new);
+    let mut input = child.stdin.take();
+    let mut fed = 0usize;
+    if stdin.is_some_and(|s| s.is_empty()) {
+        input = None;
+    }
+    for fd in [out.as_ref().map(|p| p.fd()), err.as_ref().map(|p| p.fd())]
+        .into_iter()
+        .flatten()
+        .chain(input.as_ref().map(|i| i.as_raw_fd()))
+    {
+        set_nonblocking(fd)?;
+    }
+    let pidfd = pidfd_open(pid);
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let mut leader_gone_at: Option<Instant> = None;
+
+    while out.is_some() || err.is_some() {
+        let mut fds = Vec::with_capacity(4);
+        let push = |fds: &mut Vec<libc::pollfd>, fd: RawFd, events: i16| {
+            fds.push(libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            });
+        };
+        let out_fd = out.as_ref().map(|p| p.fd()).unwrap_or(-1);
+        let err_fd = err.as_ref().map(|p| p.fd()).unwrap_or(-1);
+        push(&mut fds, out_fd, libc::POLLIN);
+        push(&mut fds, err_fd, libc::POLLIN);
+        let in_fd = input.as_ref().map(|i| i.as_raw_fd()).unwrap_or(-1);
+        push(&mut fds, in_fd, libc::POLLOUT);
+        let pid_fd = match (&pidfd, leader_gone_at) {
+            (Some(fd), None) => fd.as_raw_fd(),
+            _ => -1,
+        };
+        push(&mut fds, pid_fd, libc::POLLIN);
+        // Once the leader is gone and its group killed, pipes held by a
+        // process that left the group get one second to close.
+        let timeout = match leader_gone_at {
+            Some(at) => {
+                let left = Duration::from_secs(1).saturating_sub(at.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                i32::try_from(left.as_millis()).unwrap_or(1000).max(1)
+            }
+            None => -1,
+        };
+        // SAFETY: `fds` is a valid array of pollfd; negative fds are ignored.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let ready = |i: usize| fds[i].revents != 0;
+        if ready(0) && drain(&mut out, &mut stdout, max_output, false)? {
+            out = None;
+        }
+        if ready(1) && drain(&mut err, &mut stderr, max_error, true)? {
+            err = None;
+        }
+        if ready(2) {
+            if let (Some(pipe), Some(data)) = (input.as_mut(), stdin) {
+                match pipe.write(&data[fed..]) {
+                    Ok(k) => fed += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    // The child closed its end or exited: it has read all it wants.
+                    Err(_) => fed = data.len(),
+                }
+                if fed >= data.len() {
+                    input = None;
+                }
+            }
+        }
+        if ready(3) {
+            leader_gone_at = Some(Instant::now());
+            input = None;
+            kill_group(pid);
+        }
+    }
+    drop(input);
+
+    // Wait without reaping, so the pid stays ours while the group is killed
+    // and the hook removed; only then reap.
+    wait_exited_no_reap(pid)?;
+    kill_group(pid);
+    cancel.clear_hook();
+    let status = child.wait()?;
+    Ok(Finished {
+        status,
+        stdout,
+        stderr_tail: stderr,
+    })
+}
+
+/// A child's output pipe.
+struct Pipe(std::fs::File);
+
+impl Pipe {
+    fn new<T: Into<OwnedFd>>(p: T) -> Pipe {
+        Pipe(std::fs::File::from(p.into()))
+    }
+
+    fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Reads what is available. Keeps the first `cap` bytes, or with `tail`
+/// the last `cap` bytes. Returns true at end of file.
+fn drain(
+    pipe: &mut Option<Pipe>,
+    buf: &mut Vec<u8>,
+    cap: usize,
+    tail: bool,
+) -> std::io::Result<bool> {
+    let Some(p) = pipe.as_mut() else {
+        return Ok(true);
+    };
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match p.0.read(&mut chunk) {
+            Ok(0) => return Ok(true),
+            Ok(n) => {
+                if tail {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf.len() > 2 * cap.max(1) {
+                        buf.drain(..buf.len() - cap);
+                    }
+                } else if buf.len() < cap {
+                    let keep = n.min(cap - buf.len());
+                    buf.extend_from_slice(&chunk[..keep]);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if tail && buf.len() > cap {
+                    buf.drain(..buf.len() - cap);
+                }
+                return Ok(false);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn kill_group(pgid: i32) {
+    // SAFETY: plain syscall; a group that no longer exists gives ESRCH.
+    unsafe {
+        libc::kill(-pgid, libc::SIGKILL);
+    }
+}
+
+fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on a file descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open returns a new fd that we own, or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the fd was just created for us.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn wait_exited_no_reap(pid: i32) -> std::io::Result<()> {
+    loop {
+        // SAFETY: siginfo_t is plain data; waitid fills it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Replaces `{}`, `{id}` and `{attempt}` in one argument.
+fn expand(arg: &[u8], payload: &[u8], id: &[u8], attempt: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(arg.len() + payload.len());
+    let mut rest = arg;
+    while let Some(at) = rest.iter().position(|&b| b == b'{') {
+        out.extend_from_slice(&rest[..at]);
+        let tail = &rest[at..];
+        let (value, len): (&[u8], usize) = if tail.starts_with(b"{}") {
+            (payload, 2)
+        } else if tail.starts_with(b"{id}") {
+            (id, 4)
+        } else if tail.starts_with(b"{attempt}") {
+            (attempt, 9)
+        } else {
+            (b"{", 1)
+        };
+        out.extend_from_slice(value);
+        rest = &tail[len..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn join_words(words: &[OsString]) -> OsString {
+    let mut script = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        if i > 0 {
+            script.push(b' ');
+        }
+        script.extend_from_slice(w.as_bytes());
+    }
+    OsString::from_vec(script)
+}
+
+/// Finds `program` the way `execvp` will, so that a typo is an error at
+/// start-up rather than a failure of every item.
+pub fn resolve_program(program: &OsStr) -> Result<PathBuf> {
+    let executable = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let shown = Path::new(program).display().to_string();
+    if program.as_bytes().contains(&b'/') {
+        let p = PathBuf::from(program);
+        return if executable(&p) {
+            Ok(p)
+        } else {
+            Err(Error::Config(format!("{shown}: no such executable file")))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| executable(p))
+        .ok_or_else(|| Error::Config(format!("{shown}: command not found in PATH")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expand_fills_placeholders_and_leaves_other_braces() {
+        let got = expand(b"a{}b{id}c{attempt}{x}{", b"P", b"7", b"2");
+        assert_eq!(got, b"aPb7c2{x}{");
+    }
+
+    #[test]
+    fn shell_script_with_braces_is_refused() {
+        let err = CommandSpec::new(vec!["echo {}".into()], PayloadMode::Shell).unwrap_err();
+        assert!(err.to_string().contains("\"$1\""), "{err}");
+    }
+
+    #[test]
+    fn missing_program_is_refused() {
+        let err = CommandSpec::new(
+            vec!["no-such-program-litework".into()],
+            PayloadMode::Argument,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("command not found"), "{err}");
+    }
+}

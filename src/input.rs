@@ -1,0 +1,357 @@
+//! Parsing what `litework add` reads.
+//!
+//! Three formats, all streamed (memory does not grow with the input):
+//!
+//! - `lines`: one UTF-8 payload per line; `\n` or `\r\n` ends a line and
+//!   empty lines are skipped.
+//! - `jsonl`: one JSON object per line with `payload` (a string, or any
+//!   other JSON value, stored as its JSON text) or `payload_base64` (raw
+//!   bytes), and optionally `key`, `priority`, `max_attempts`, `delay`.
+//! - `nul`: records separated by NUL bytes, kept byte-for-byte (the output
+//!   of `find -print0`); any bytes but NUL.
+//!
+//! A malformed record is an error naming the input and its line (record)
+//! number; the caller adds nothing of that input.
+
+use std::io::BufRead;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::queue::NewItem;
+
+/// The input formats of `litework add`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Lines,
+    Jsonl,
+    Nul,
+}
+
+/// Settings applied to every record that does not set its own.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    /// Use the payload as the dedupe key of records without a key.
+    pub key_from_payload: bool,
+    pub priority: i64,
+    pub max_attempts: Option<u32>,
+    pub delay: Option<Duration>,
+    /// Longest record accepted, in bytes.
+    pub max_record: usize,
+}
+
+impl Default for Defaults {
+    fn default() -> Defaults {
+        Defaults {
+            key_from_payload: false,
+            priority: 0,
+            max_attempts: None,
+            delay: None,
+            max_record: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// An iterator of parsed records over a reader.
+pub struct Records<R> {
+    reader: R,
+    name: String,
+    format: Format,
+    defaults: Defaults,
+    line: u64,
+    buf: Vec<u8>,
+    failed: bool,
+}
+
+impl<R: BufRead> Records<R> {
+    /// `name` is how errors refer to the input: a path, or `<stdin>`.
+    pub fn new(reader: R, name: impl Into<String>, format: Format, defaults: Defaults) -> Self {
+        Records {
+            reader,
+            name: name.into(),
+            format,
+            defaults,
+            line: 0,
+            buf: Vec::new(),
+            failed: false,
+        }
+    }
+
+    fn error(&mut self, reason: impl Into<String>) -> Error {
+        self.failed = true;
+        Error::Input {
+            input: self.name.clone(),
+            line: self.line,
+            reason: reason.into(),
+        }
+    }
+
+    fn next_record(&mut self) -> Result<Option<NewItem>> {
+        let delim = if self.format == Format::Nul { 0 } else { b'\n' };
+        loop {
+            self.buf.clear();
+            self.line += 1;
+            let read = read_bounded(
+                &mut self.reader,
+                delim,
+                self.defaults.max_record,
+                &mut self.buf,
+            );
+            match read {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(ReadError::TooLong) => {
+                    let limit = self.defaults.max_record;
+                    return Err(self.error(format!("record longer than the {limit}-byte limit")));
+                }
+                Err(ReadError::Io(source)) => {
+                    self.failed = true;
+                    return Err(Error::InputIo {
+                        input: self.name.clone(),
+                        source,
+                    });
+                }
+            }
+            if self.buf.last() == Some(&delim) {
+                self.buf.pop();
+            }
+            if self.format != Format::Nul && self.buf.last() == Some(&b'\r') {
+                self.buf.pop();
+            }
+            if self.buf.is_empty() {
+                continue;
+            }
+            let item = match self.format {
+                Format::Nul => NewItem::new(self.buf.clone()),
+                Format::Lines => match std::str::from_utf8(&self.buf) {
+                    Ok(s) => NewItem::new(s.as_bytes().to_vec()),
+                    Err(e) => {
+                        let at = e.valid_up_to();
+                        return Err(self.error(format!(
+                            "not valid UTF-8 (at byte {at}); use --format nul for raw bytes, \
+                             or jsonl with payload_base64"
+                        )));
+                    }
+                },
+                Format::Jsonl => {
+                    let parsed = parse_json(&self.buf);
+                    parsed.map_err(|reason| self.error(reason))?
+                }
+            };
+            return Ok(Some(self.apply_defaults(item)));
+        }
+    }
+
+    fn apply_defaults(&self, mut item: NewItem) -> NewItem {
+        if item.key.is_none() && self.defaults.key_from_payload {
+            item.key = Some(key_of(&item.payload));
+        }
+        if item.priority == 0 {
+            item.priority = self.defaults.priority;
+        }
+        item.max_attempts = item.max_attempts.or(self.defaults.max_attempts);
+        item.delay = item.delay.or(self.defaults.delay);
+        item
+    }
+}
+
+impl<R: BufRead> Iterator for Records<R> {
+    type Item = Result<NewItem>;
+
+    fn next(&mut self) -> Option<Result<NewItem>> {
+        if self.failed {
+            return None;
+        }
+        self.next_record().transpose()
+    }
+}
+
+/// The dedupe key made from a payload: the payload itself when it is
+/// UTF-8, else `base64:` and its base64.
+pub fn key_of(payload: &[u8]) -> String {
+    match std::str::from_utf8(payload) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!(
+            "base64:{}",
+            base64::engine::general_purpose::STANDARD.encode(payload)
+        ),
+    }
+}
+
+fn parse_json(line: &[u8]) -> std::result::Result<NewItem, String> {
+    let value: Value = serde_json::from_slice(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let Value::Object(map) = value else {
+        return Err("expected a JSON object with a \"payload\" field".into());
+    };
+    let mut item = NewItem::new(Vec::new());
+    let mut payload = None;
+    for (field, v) in map {
+        match field.as_str() {
+            "payload" => {
+                let bytes = match v {
+                    Value::String(s) => s.into_bytes(),
+                    Value::Null => return Err("\"payload\" is null".into()),
+                    other => other.to_string().into_bytes(),
+                };
+                if payload.replace(bytes).is_some() {
+                    return Err("both \"payload\" and \"payload_base64\" given".into());
+                }
+            }
+            "payload_base64" => {
+                let s = v.as_str().ok_or("\"payload_base64\" must be a string")?;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(s)
+                    .map_err(|e| format!("\"payload_base64\" is not base64: {e}"))?;
+                if payload.replace(bytes).is_some() {
+                    return Err("both \"payload\" and \"payload_base64\" given".into());
+                }
+            }
+            "key" => match v {
+                Value::String(s) => item.key = Some(s),
+                Value::Null => {}
+                Value::Number(n) => item.key = Some(n.to_string()),
+                _ => return Err("\"key\" must be a string".into()),
+            },
+            "priority" => {
+                item.priority = v.as_i64().ok_or("\"priority\" must be an integer")?;
+            }
+            "max_attempts" => {
+                let n = v
+                    .as_u64()
+                    .filter(|n| (1..=u64::from(u32::MAX)).contains(n))
+                    .ok_or("\"max_attempts\" must be an integer of at least 1")?;
+                item.max_attempts = Some(n as u32);
+            }
+            "delay" => {
+                let d = match &v {
+                    Value::Number(n) => n
+                        .as_f64()
+                        .filter(|s| *s >= 0.0)
+                        .map(Duration::from_secs_f64),
+                    Value::String(s) => humantime::parse_duration(s).ok(),
+                    _ => None,
+                };
+                item.delay = Some(d.ok_or("\"delay\" must be seconds or a duration like \"5m\"")?);
+            }
+            other => {
+                return Err(format!(
+                    "unknown field {other:?} (known: payload, payload_base64, key, priority, \
+                     max_attempts, delay)"
+                ))
+            }
+        }
+    }
+    item.payload = payload.ok_or("missing \"payload\" (or \"payload_base64\") field")?;
+    Ok(item)
+}
+
+enum ReadError {
+    TooLong,
+    Io(std::io::Error),
+}
+
+/// Reads up to and including `delim` into `buf`, failing once the record
+/// exceeds `limit` bytes instead of buffering it whole. Returns the number
+/// of bytes read, 0 at end of input.
+fn read_bounded<R: BufRead>(
+    reader: &mut R,
+    delim: u8,
+    limit: usize,
+    buf: &mut Vec<u8>,
+) -> std::result::Result<usize, ReadError> {
+    let mut total = 0;
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ReadError::Io(e)),
+        };
+        if available.is_empty() {
+            return Ok(total);
+        }
+        let (used, found) = match available.iter().position(|&b| b == delim) {
+            Some(i) => (i + 1, true),
+            None => (available.len(), false),
+        };
+        if buf.len() + used > limit + 2 {
+            return Err(ReadError::TooLong);
+        }
+        buf.extend_from_slice(&available[..used]);
+        reader.consume(used);
+        total += used;
+        if found {
+            return Ok(total);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(input: &[u8], format: Format) -> Vec<Result<NewItem>> {
+        Records::new(input, "in", format, Defaults::default()).collect()
+    }
+
+    #[test]
+    fn lines_skip_empty_and_strip_crlf() {
+        let items: Vec<_> = parse(b"a\r\n\nb c\n", Format::Lines)
+            .into_iter()
+            .map(|r| r.map(|i| i.payload))
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(items, vec![b"a".to_vec(), b"b c".to_vec()]);
+    }
+
+    #[test]
+    fn bad_utf8_names_its_line_and_stops() {
+        let got = parse(b"ok\n\xff\nlater\n", Format::Lines);
+        assert_eq!(got.len(), 2);
+        let err = got[1].as_ref().unwrap_err().to_string();
+        assert!(err.starts_with("in: line 2: not valid UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn jsonl_fields_and_errors() {
+        let line =
+            br#"{"payload_base64":"AAEC","key":"k","priority":5,"max_attempts":2,"delay":"1s"}"#;
+        let item = parse(line, Format::Jsonl).remove(0).unwrap();
+        assert_eq!(item.payload, vec![0, 1, 2]);
+        assert_eq!(item.key.as_deref(), Some("k"));
+        assert_eq!((item.priority, item.max_attempts), (5, Some(2)));
+        assert_eq!(item.delay, Some(Duration::from_secs(1)));
+
+        for (bad, want) in [
+            (&br#"{"key":"k"}"#[..], "missing \"payload\""),
+            (br#"{"payload":"a","colour":1}"#, "unknown field \"colour\""),
+            (br#"{"payload":"a""#, "invalid JSON"),
+            (br#"[1]"#, "expected a JSON object"),
+        ] {
+            let err = parse(bad, Format::Jsonl).remove(0).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} should contain {want}");
+        }
+    }
+
+    #[test]
+    fn nul_keeps_every_byte() {
+        let got: Vec<_> = parse(b"a\nb\xff\0c\0", Format::Nul)
+            .into_iter()
+            .map(|r| r.unwrap().payload)
+            .collect();
+        assert_eq!(got, vec![b"a\nb\xff".to_vec(), b"c".to_vec()]);
+    }
+
+    #[test]
+    fn overlong_record_is_refused() {
+        let defaults = Defaults {
+            max_record: 10,
+            ..Defaults::default()
+        };
+        let input = [b'x'; 100];
+        let got: Vec<_> = Records::new(&input[..], "in", Format::Lines, defaults).collect();
+        let err = got[0].as_ref().unwrap_err().to_string();
+        assert!(err.contains("longer than the 10-byte limit"), "{err}");
+    }
+}

@@ -1,0 +1,51 @@
+//! The `litework` binary: parse, set up logging, dispatch, map errors to
+//! exit statuses (documented in `litework --help` and the README).
+
+mod cli;
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use cli::{Cli, LogFormat};
+
+/// Bad arguments or input, a refused database: nothing was changed.
+const EXIT_INPUT: u8 = 2;
+/// A failure while working (I/O, database).
+const EXIT_FAILURE: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    match commands::dispatch(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("litework: {err:#}");
+            let input = err
+                .chain()
+                .find_map(|e| e.downcast_ref::<litework::Error>())
+                .is_some_and(litework::Error::is_input);
+            ExitCode::from(if input { EXIT_INPUT } else { EXIT_FAILURE })
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("warn,litework={level}")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_target(false).init(),
+    }
+}

@@ -1,0 +1,1052 @@
+//! The store: one SQLite file in WAL mode shared by every worker process.
+//!
+//! [`Queue`] owns an r2d2 pool whose connections all get the same pragmas;
+//! [`Session`] is one connection taken from it, with the operations on
+//! items. A worker's database thread keeps one session for its whole life
+//! (its statement cache and its view of `PRAGMA data_version` stay warm);
+//! the command-line verbs take one per call.
+//!
+//! Every write is an immediate transaction, so writers queue on the single
+//! WAL write lock instead of failing half-way, and `SQLITE_BUSY` is waited
+//! out by [`busy`]'s handler.
+
+pub mod busy;
+pub mod schema;
+mod sql;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
+
+use crate::error::{Error, Result};
+
+/// RETURNING, used by claims and requeues, arrived in SQLite 3.35.0.
+const MIN_SQLITE: i32 = 3_035_000;
+
+/// Milliseconds since the Unix epoch, the unit of every time in the schema.
+pub fn now_ms() -> i64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// How a queue file is opened.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Create the file (and the schema) if it does not exist.
+    pub create: bool,
+    /// `synchronous = FULL` instead of `NORMAL`: a commit survives power loss,
+    /// at the price of an fsync per transaction.
+    pub durable: bool,
+    /// How long a statement may wait for the write lock before failing.
+    pub busy_timeout: Duration,
+    /// Most connections the pool holds.
+    pub pool_size: u32,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            create: false,
+            durable: false,
+            busy_timeout: Duration::from_secs(60),
+            pool_size: 4,
+        }
+    }
+}
+
+/// Item states. `done` and `failed` are final until someone retries them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pending,
+    Running,
+    Done,
+    Failed,
+}
+
+impl Status {
+    pub const ALL: [Status; 4] = [
+        Status::Pending,
+        Status::Running,
+        Status::Done,
+        Status::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Running => "running",
+            Status::Done => "done",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Status {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Status, String> {
+        Status::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown status {s:?} (expected pending, running, done or failed)")
+            })
+    }
+}
+
+/// An item to add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewItem {
+    /// Opaque bytes, stored and delivered unchanged. Valid UTF-8 is stored
+    /// as SQL text (readable in `sqlite3`), anything else as a blob.
+    pub payload: Vec<u8>,
+    /// Adding an item whose key is already in the queue does nothing.
+    pub key: Option<String>,
+    /// Higher runs first; ties run in the order added.
+    pub priority: i64,
+    /// Attempts before the item ends `failed`; `None` takes the default.
+    pub max_attempts: Option<u32>,
+    /// Not before this long after adding.
+    pub delay: Option<Duration>,
+}
+
+impl NewItem {
+    pub fn new(payload: impl Into<Vec<u8>>) -> NewItem {
+        NewItem {
+            payload: payload.into(),
+            key: None,
+            priority: 0,
+            max_attempts: None,
+            delay: None,
+        }
+    }
+
+    pub fn key(mut self, key: impl Into<String>) -> NewItem {
+        self.key = Some(key.into());
+        self
+    }
+}
+
+/// What an add did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AddReport {
+    pub added: u64,
+    /// Items whose key was already present.
+    pub duplicates: u64,
+}
+
+/// A claimed item: the lease a worker holds on it, and its payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: i64,
+    pub payload: Vec<u8>,
+    pub key: Option<String>,
+    pub priority: i64,
+    /// This attempt's number, starting at 1.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    /// Fences every write about this lease; see [`Session::record`].
+    pub token: i64,
+}
+
+/// Why an attempt failed, as kept in the history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The work reported an error (non-zero exit, handler error).
+    Error,
+    /// The work ran past its time limit.
+    Timeout,
+    /// The work said retrying cannot help.
+    Permanent,
+}
+
+impl FailureKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Error => "error",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Permanent => "permanent",
+        }
+    }
+}
+
+/// The outcome of a lease, to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// Done, with the result to keep.
+    Done { result: Vec<u8> },
+    /// Failed; back to `pending` no earlier than `run_after` (ms).
+    Retry {
+        error: String,
+        kind: FailureKind,
+        run_after: i64,
+    },
+    /// Failed for good.
+    Failed { error: String, kind: FailureKind },
+    /// Not run (or stopped by a shutdown): back to `pending`, attempt given back.
+    Release,
+}
+
+/// Exponential backoff with jitter between attempts.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// Delay after the first failed attempt.
+    pub base: Duration,
+    /// No delay is longer than this.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before attempt `failed_attempt + 1`: `base * 2^(n-1)`,
+    /// capped at `max`, then a random point in its upper half so that
+    /// items failing together do not come back together.
+    pub fn delay(&self, failed_attempt: u32) -> Duration {
+        let exp = failed_attempt.saturating_sub(1).min(32);
+        let full = self.base.saturating_mul(1u32 << exp.min(31)).min(self.max);
+        let half = full / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+
+    /// What to record for a failed attempt of `job`.
+    pub fn completion(&self, job: &Job, error: String, kind: FailureKind) -> Completion {
+        if kind == FailureKind::Permanent || job.attempt >= job.max_attempts {
+            Completion::Failed { error, kind }
+        } else {
+            let run_after = now_ms().saturating_add(ms(self.delay(job.attempt)));
+            Completion::Retry {
+                error,
+                kind,
+                run_after,
+            }
+        }
+    }
+}
+
+/// What happened to a recorded outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// The row changed as asked.
+    Recorded,
+    /// The lease was no longer ours (requeued, expired and taken by another
+    /// worker): nothing changed, the outcome is dropped.
+    LeaseLost,
+}
+
+/// One round trip of a worker's database thread: outcomes to record, leases
+/// to extend and a number of items to claim, in a single transaction.
+#[derive(Debug, Default)]
+pub struct Turn {
+    pub finished: Vec<(Job, Completion)>,
+    /// `(id, token)` of the leases to extend.
+    pub extend: Vec<(i64, i64)>,
+    pub claim: usize,
+    /// Also refresh the worker's own heartbeat.
+    pub heartbeat: bool,
+}
+
+/// What a [`Turn`] did.
+#[derive(Debug, Default)]
+pub struct TurnResult {
+    /// For each finished job, in order: `(id, what happened)`.
+    pub recorded: Vec<(i64, Recorded)>,
+    /// Ids whose lease could not be extended because it was lost.
+    pub lost: Vec<i64>,
+    /// Newly claimed jobs, in claim order.
+    pub claimed: Vec<Job>,
+}
+
+/// Counts moved by a requeue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Requeued {
+    /// Back to `pending`.
+    pub pending: u64,
+    /// Out of attempts, now `failed`.
+    pub failed: u64,
+}
+
+impl Requeued {
+    pub fn total(&self) -> u64 {
+        self.pending + self.failed
+    }
+}
+
+/// A snapshot of the queue, cheap at any size.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StatusReport {
+    pub pending: u64,
+    pub running: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub total: u64,
+    /// Items finished per second over the last minute.
+    pub done_per_s: f64,
+    pub failed_per_s: f64,
+    /// Age of the item the next claim would take, if one is ready.
+    pub oldest_ready_age_s: Option<f64>,
+    /// Workers registered as running.
+    pub workers: u64,
+}
+
+/// An item as `list` and `export` show it.
+#[derive(Debug, Clone)]
+pub struct ItemRow {
+    pub id: i64,
+    pub key: Option<String>,
+    pub status: String,
+    pub priority: i64,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub payload: Vec<u8>,
+    pub result: Option<Vec<u8>>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+/// The ids a retry by id moved, and those it left because they are running.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryReport {
+    pub retried: u64,
+    pub running: Vec<i64>,
+}
+
+/// Identity of a worker process, as registered in the `workers` table.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub pid: u32,
+    pub host: String,
+}
+
+/// An open queue file and its connection pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    pool: r2d2::Pool<SqliteConnectionManager>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("path", &self.path).finish()
+    }
+}
+
+impl Queue {
+    /// Opens an existing queue file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Queue> {
+        Queue::open_with(path, &Options::default())
+    }
+
+    /// Opens a queue file, creating it if it does not exist.
+    pub fn create(path: impl AsRef<Path>) -> Result<Queue> {
+        Queue::open_with(
+            path,
+            &Options {
+                create: true,
+                ..Options::default()
+            },
+        )
+    }
+
+    /// Opens a queue file with explicit options.
+    ///
+    /// The file is identified before anything is written to it: a file that
+    /// is not SQLite, an SQLite file of another program, or one written by a
+    /// newer litework is refused and left exactly as it was.
+    pub fn open_with(path: impl AsRef<Path>, opts: &Options) -> Result<Queue> {
+        let path = path.as_ref().to_path_buf();
+        if rusqlite::version_number() < MIN_SQLITE {
+            return Err(Error::OldSqlite {
+                found: rusqlite::version().to_string(),
+                needed: "3.35.0",
+            });
+        }
+        busy::set_limit(opts.busy_timeout);
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => {
+                return Err(Error::BadPath {
+                    path,
+                    reason: "is a directory, not a database file".into(),
+                })
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !opts.create => {
+                return Err(Error::Missing { path })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::BadPath {
+                    path,
+                    reason: e.to_string(),
+                })
+            }
+        }
+
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if opts.create {
+            flags |= OpenFlags::SQLITE_OPEN_CREATE;
+        }
+        let mut conn =
+            Connection::open_with_flags(&path, flags).map_err(|e| open_error(&path, e))?;
+        conn.busy_handler(Some(busy::handler))
+            .map_err(|e| Error::sqlite(&path, e))?;
+
+        // Identify first: setting WAL writes the header, so it must not
+        // happen to a file that is not ours.
+        let identity = schema::identify(&conn).map_err(|e| Error::sqlite(&path, e))?;
+        match identity {
+            schema::Identity::Empty => {}
+            schema::Identity::Litework(v) if v > schema::latest() => {
+                return Err(Error::NewerSchema {
+                    path,
+                    found: v,
+                    known: schema::latest(),
+                })
+            }
+            schema::Identity::Litework(_) => {}
+            schema::Identity::Foreign {
+                application_id,
+                tables,
+            } => {
+                let reason = if application_id != 0 {
+                    format!("it belongs to another program: application id {application_id:#x}")
+                } else {
+                    format!("an SQLite database with {tables} other tables and no litework id")
+                };
+                return Err(Error::NotLitework { path, reason });
+            }
+        }
+
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| Error::sqlite(&path, e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::NotWal {
+                path,
+                mode,
+                hint: "WAL needs shared memory: a local filesystem and a writable directory",
+            });
+        }
+        schema::migrate(&mut conn).map_err(|e| Error::sqlite(&path, e))?;
+        drop(conn);
+
+        let synchronous = if opts.durable { "FULL" } else { "NORMAL" };
+        let manager = SqliteConnectionManager::file(&path)
+            .with_flags(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .with_init(move |c| configure(c, synchronous));
+        let pool = r2d2::Pool::builder()
+            .max_size(opts.pool_size.max(1))
+            .min_idle(Some(1))
+            .connection_timeout(opts.busy_timeout)
+            .build(manager)
+            .map_err(|source| Error::Pool {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Queue { pool, path })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Takes a connection from the pool.
+    pub fn session(&self) -> Result<Session> {
+        let conn = self.pool.get().map_err(|source| Error::Pool {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(Session {
+            conn,
+            path: self.path.clone(),
+        })
+    }
+
+    /// Adds items in one transaction; see [`Session::add`].
+    pub fn add<I>(&self, items: I, default_max_attempts: u32) -> Result<AddReport>
+    where
+        I: IntoIterator<Item = Result<NewItem>>,
+    {
+        self.session()?.add(items, default_max_attempts)
+    }
+
+    /// Claims up to `n` ready items for `worker`; see [`Session::turn`].
+    pub fn claim(&self, worker: &str, n: usize, lease: Duration) -> Result<Vec<Job>> {
+        let turn = Turn {
+            claim: n,
+            ..Turn::default()
+        };
+        Ok(self.session()?.turn(worker, lease, &turn)?.claimed)
+    }
+
+    /// Records the outcome of one lease; see [`Session::record`].
+    pub fn record(&self, job: &Job, completion: Completion) -> Result<Recorded> {
+        self.session()?.record(job, completion)
+    }
+
+    /// Requeues the leases held by `worker`; see [`Session::requeue_worker`].
+    pub fn requeue_worker(&self, worker: &str) -> Result<Requeued> {
+        self.session()?.requeue_worker(worker)
+    }
+
+    /// Requeues every expired lease; see [`Session::requeue_expired`].
+    pub fn requeue_expired(&self) -> Result<Requeued> {
+        self.session()?.requeue_expired()
+    }
+
+    /// Counts and rates; see [`Session::status`].
+    pub fn status(&self) -> Result<StatusReport> {
+        self.session()?.status()
+    }
+}
+
+/// Pragmas every pooled connection gets.
+fn configure(conn: &mut Connection, synchronous: &str) -> rusqlite::Result<()> {
+    conn.busy_handler(Some(busy::handler))?;
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    // After a checkpoint the WAL is cut back to this size instead of keeping
+    // its high-water mark on disk.
+    conn.pragma_update(None, "journal_size_limit", 64i64 * 1024 * 1024)?;
+    conn.set_prepared_statement_cache_capacity(32);
+    // The file was switched to WAL when it was opened; WAL is persistent, so
+    // a connection that sees another mode means the file was changed behind
+    // our back (or the filesystem cannot do WAL): refuse rather than run
+    // with rollback-journal locking.
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!("journal mode is {mode}, not wal")),
+        ));
+    }
+    Ok(())
+}
+
+fn open_error(path: &Path, e: rusqlite::Error) -> Error {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::CannotOpen) => Error::BadPath {
+            path: path.to_path_buf(),
+            reason: "cannot open the database file (does its directory exist, is it writable?)"
+                .into(),
+        },
+        _ => Error::sqlite(path, e),
+    }
+}
+
+/// Reads a payload or result column: text and blobs both come back as bytes.
+fn bytes(v: ValueRef<'_>) -> Vec<u8> {
+    match v {
+        ValueRef::Text(t) | ValueRef::Blob(t) => t.to_vec(),
+        ValueRef::Null => Vec::new(),
+        ValueRef::Integer(i) => i.to_string().into_bytes(),
+        ValueRef::Real(r) => r.to_string().into_bytes(),
+    }
+}
+
+/// Binds a payload: valid UTF-8 as text so `sqlite3` shows it, else a blob.
+/// Either way the same bytes come back.
+fn payload_value(bytes: &[u8]) -> rusqlite::types::ToSqlOutput<'_> {
+    use rusqlite::types::{ToSqlOutput, ValueRef};
+    match std::str::from_utf8(bytes) {
+        Ok(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+        Err(_) => ToSqlOutput::Borrowed(ValueRef::Blob(bytes)),
+    }
+}
+
+fn to_u32(v: i64) -> u32 {
+    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
+}
+
+/// One pooled connection and the operations on items.
+pub struct Session {
+    conn: r2d2::PooledConnection<SqliteConnectionManager>,
+    path: PathBuf,
+}
+
+impl Session {
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in an immediate transaction and commits it.
+    fn write<T>(&mut self, f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>) -> Result<T> {
+        let path = &self.path;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| Error::sqlite(path, e))?;
+        let value = f(&tx).map_err(|e| Error::sqlite(path, e))?;
+        tx.commit().map_err(|e| Error::sqlite(path, e))?;
+        Ok(value)
+    }
+
+    /// Adds items, all in one transaction: if any element of `items` is an
+    /// error, nothing is added and that error is returned. Items whose key is
+    /// already present are counted as duplicates and left alone.
+    pub fn add<I>(&mut self, items: I, default_max_attempts: u32) -> Result<AddReport>
+    where
+        I: IntoIterator<Item = Result<NewItem>>,
+    {
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| Error::sqlite(&path, e))?;
+        let mut report = AddReport::default();
+        {
+            let mut insert = tx
+                .prepare_cached(sql::INSERT)
+                .map_err(|e| Error::sqlite(&path, e))?;
+            let now = now_ms();
+            for item in items {
+                // An input error returns here; dropping `tx` rolls back.
+                let item = item?;
+                let max = item.max_attempts.unwrap_or(default_max_attempts).max(1);
+                let run_after = now.saturating_add(item.delay.map(ms).unwrap_or(0));
+                let changed = insert
+                    .execute(params![
+                        payload_value(&item.payload),
+                        item.key,
+                        item.priority,
+                        max,
+                        run_after,
+                        now
+                    ])
+                    .map_err(|e| Error::sqlite(&path, e))?;
+                if changed == 1 {
+                    report.added += 1;
+                } else {
+                    report.duplicates += 1;
+                }
+            }
+        }
+        tx.commit().map_err(|e| Error::sqlite(&path, e))?;
+        Ok(report)
+    }
+
+    /// Records finished leases, extends live ones and claims new items, all
+    /// in one immediate transaction: the worker's group commit.
+    ///
+    /// A claim takes the ready items (pending, `run_after` passed) with the
+    /// highest priority, oldest first, and for each bumps the attempt count
+    /// and the lease token.
+    pub fn turn(&mut self, worker: &str, lease: Duration, turn: &Turn) -> Result<TurnResult> {
+        let lease_ms = ms(lease);
+        self.write(|tx| {
+            let now = now_ms();
+            let mut out = TurnResult::default();
+            for (job, completion) in &turn.finished {
+                out.recorded
+                    .push((job.id, record_in(tx, job, completion, now)?));
+            }
+            if !turn.extend.is_empty() {
+                let mut extend = tx.prepare_cached(sql::EXTEND)?;
+                for &(id, token) in &turn.extend {
+                    if extend.execute(params![id, token, now + lease_ms])? == 0 {
+                        out.lost.push(id);
+                    }
+                }
+            }
+            if turn.heartbeat {
+                tx.prepare_cached(sql::WORKER_HEARTBEAT)?
+                    .execute(params![worker, now])?;
+            }
+            if turn.claim > 0 {
+                let mut claim = tx.prepare_cached(sql::CLAIM)?;
+                let n = i64::try_from(turn.claim).unwrap_or(i64::MAX);
+                let rows = claim.query_map(params![worker, now, lease_ms, n], |r| {
+                    Ok(Job {
+                        id: r.get(0)?,
+                        payload: bytes(r.get_ref(1)?),
+                        key: r.get(2)?,
+                        priority: r.get(3)?,
+                        attempt: to_u32(r.get(4)?),
+                        max_attempts: to_u32(r.get(5)?),
+                        token: r.get(6)?,
+                    })
+                })?;
+                for job in rows {
+                    out.claimed.push(job?);
+                }
+                // RETURNING gives rows in no promised order.
+                out.claimed
+                    .sort_by_key(|j| (std::cmp::Reverse(j.priority), j.id));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Records the outcome of one lease. Returns [`Recorded::LeaseLost`]
+    /// (not an error) when the lease is no longer held by `job`.
+    pub fn record(&mut self, job: &Job, completion: Completion) -> Result<Recorded> {
+        self.write(|tx| record_in(tx, job, &completion, now_ms()))
+    }
+
+    /// Extends one lease to `lease` from now.
+    pub fn extend(&mut self, job: &Job, lease: Duration) -> Result<Recorded> {
+        let expires = now_ms().saturating_add(ms(lease));
+        self.write(|tx| {
+            let n = tx
+                .prepare_cached(sql::EXTEND)?
+                .execute(params![job.id, job.token, expires])?;
+            Ok(if n == 1 {
+                Recorded::Recorded
+            } else {
+                Recorded::LeaseLost
+            })
+        })
+    }
+
+    /// Requeues the leases held by `worker`, known to be dead, and marks it
+    /// dead. Items out of attempts end `failed`. Items leased by any other
+    /// worker are not touched.
+    pub fn requeue_worker(&mut self, worker: &str) -> Result<Requeued> {
+        self.write(|tx| {
+            let now = now_ms();
+            tx.prepare_cached(sql::LOST_OF_WORKER_HISTORY)?
+                .execute(params![worker, now])?;
+            let moved = count_statuses(tx, sql::LOST_OF_WORKER, params![worker, now])?;
+            tx.prepare_cached(sql::WORKER_GONE)?
+                .execute(params![worker, now, "dead"])?;
+            Ok(moved)
+        })
+    }
+
+    /// Requeues every lease whose expiry has passed: the safety net for
+    /// workers that died unseen or stopped heartbeating. A live worker
+    /// extends its leases long before they expire, so it loses none here.
+    pub fn requeue_expired(&mut self) -> Result<Requeued> {
+        self.write(|tx| {
+            let now = now_ms();
+            tx.prepare_cached(sql::EXPIRED_HISTORY)?
+                .execute(params![now])?;
+            let moved = count_statuses(tx, sql::EXPIRED, params![now])?;
+            // Rate buckets older than a day are of no use to `status`.
+            tx.prepare_cached("DELETE FROM throughput WHERE second < ?1")?
+                .execute(params![now / 1000 - 86_400])?;
+            Ok(moved)
+        })
+    }
+
+    /// Registers a worker process under its per-start identity.
+    pub fn register_worker(&mut self, info: &WorkerInfo) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                sql::REGISTER_WORKER,
+                params![info.id, info.pid, info.host, now_ms()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Marks a worker as cleanly stopped.
+    pub fn worker_stopped(&mut self, id: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(sql::WORKER_GONE, params![id, now_ms(), "stopped"])?;
+            Ok(())
+        })
+    }
+
+    /// Counts by status, rates over the last minute, the age of the head of
+    /// the queue. Reads only small tables and one index entry.
+    pub fn status(&mut self) -> Result<StatusReport> {
+        let path = self.path.clone();
+        let mut run = || -> rusqlite::Result<StatusReport> {
+            let tx = self.conn.transaction()?;
+            let mut report = StatusReport::default();
+            {
+                let mut stmt = tx.prepare_cached("SELECT status, n FROM counts")?;
+                let mut rows = stmt.query([])?;
+                while let Some(row) = rows.next()? {
+                    let status: String = row.get(0)?;
+                    let n = u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0);
+                    match status.as_str() {
+                        "pending" => report.pending = n,
+                        "running" => report.running = n,
+                        "done" => report.done = n,
+                        "failed" => report.failed = n,
+                        _ => {}
+                    }
+                }
+            }
+            report.total = report.pending + report.running + report.done + report.failed;
+            let now = now_ms();
+            let (done, failed): (i64, i64) = tx.query_row(
+                "SELECT coalesce(sum(done), 0), coalesce(sum(failed), 0)
+                 FROM throughput WHERE second >= ?1 AND second < ?2",
+                params![now / 1000 - 60, now / 1000],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            report.done_per_s = done as f64 / 60.0;
+            report.failed_per_s = failed as f64 / 60.0;
+            let head: Option<i64> = tx
+                .query_row(sql::HEAD, params![now], |r| r.get(0))
+                .optional()?;
+            report.oldest_ready_age_s = head.map(|at| (now - at).max(0) as f64 / 1000.0);
+            report.workers = tx.query_row(
+                "SELECT count(*) FROM workers WHERE status = 'running'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )? as u64;
+            tx.finish()?;
+            Ok(report)
+        };
+        run().map_err(|e| Error::sqlite(&path, e))
+    }
+
+    /// Returns `(pending, running)` from the maintained counts: whether a
+    /// worker still has anything to wait for.
+    pub fn open_counts(&mut self) -> Result<(u64, u64)> {
+        let path = self.path.clone();
+        self.conn
+            .prepare_cached(
+                "SELECT coalesce(sum(n) FILTER (WHERE status = 'pending'), 0),
+                        coalesce(sum(n) FILTER (WHERE status = 'running'), 0)
+                 FROM counts",
+            )
+            .and_then(|mut s| {
+                s.query_row([], |r| {
+                    Ok((
+                        u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                        u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                    ))
+                })
+            })
+            .map_err(|e| Error::sqlite(&path, e))
+    }
+
+    /// The earliest `run_after` among pending items, if any: when the next
+    /// item waiting out a backoff or delay becomes ready.
+    pub fn next_ready_at(&mut self) -> Result<Option<i64>> {
+        let path = self.path.clone();
+        self.conn
+            .prepare_cached("SELECT min(run_after) FROM items WHERE status = 'pending'")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(|e| Error::sqlite(&path, e))
+    }
+
+    /// SQLite's `data_version`: changes whenever another connection commits.
+    /// Polling it costs no lock, so idle workers poll it instead of claiming.
+    pub fn data_version(&mut self) -> Result<i64> {
+        let path = self.path.clone();
+        self.conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|e| Error::sqlite(&path, e))
+    }
+
+    /// Items, optionally of one status, in id order, at most `limit`.
+    pub fn list(&mut self, status: Option<Status>, limit: Option<u64>) -> Result<Vec<ItemRow>> {
+        let mut rows = Vec::new();
+        self.each_item(status, limit, |row| {
+            rows.push(row);
+            Ok(())
+        })?;
+        Ok(rows)
+    }
+
+    /// Calls `f` for each item (optionally of one status) in id order,
+    /// streaming: memory does not grow with the queue.
+    pub fn each_item(
+        &mut self,
+        status: Option<Status>,
+        limit: Option<u64>,
+        mut f: impl FnMut(ItemRow) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, key, status, priority, attempts, max_attempts, payload, result,
+                        last_error, created_at, finished_at
+                 FROM items
+                 WHERE ?1 IS NULL OR status = ?1
+                 ORDER BY id
+                 LIMIT ?2",
+            )
+            .map_err(|e| Error::sqlite(&path, e))?;
+        let mut rows = stmt
+            .query(params![status.map(Status::as_str), limit])
+            .map_err(|e| Error::sqlite(&path, e))?;
+        loop {
+            let row = match rows.next() {
+                Ok(Some(row)) => row,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(Error::sqlite(&path, e)),
+            };
+            let item = (|| -> rusqlite::Result<ItemRow> {
+                Ok(ItemRow {
+                    id: row.get(0)?,
+                    key: row.get(1)?,
+                    status: row.get(2)?,
+                    priority: row.get(3)?,
+                    attempts: row.get(4)?,
+                    max_attempts: row.get(5)?,
+                    payload: bytes(row.get_ref(6)?),
+                    result: match row.get_ref(7)? {
+                        ValueRef::Null => None,
+                        v => Some(bytes(v)),
+                    },
+                    last_error: row.get(8)?,
+                    created_at: row.get(9)?,
+                    finished_at: row.get(10)?,
+                })
+            })()
+            .map_err(|e| Error::sqlite(&path, e))?;
+            f(item).map_err(|source| Error::InputIo {
+                input: "output".into(),
+                source,
+            })?;
+        }
+    }
+
+    /// Sends every failed item back to `pending` with fresh attempts.
+    pub fn retry_failed(&mut self) -> Result<u64> {
+        self.write(|tx| Ok(tx.execute(sql::RETRY_FAILED, params![now_ms()])? as u64))
+    }
+
+    /// Sends the given items back to `pending` with fresh attempts. If any id
+    /// is unknown, nothing changes and the error names the unknown ids.
+    /// Running items are left to their worker and reported.
+    pub fn retry_ids(&mut self, ids: &[i64]) -> Result<RetryReport> {
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| Error::sqlite(&path, e))?;
+        let mut report = RetryReport::default();
+        let mut missing = Vec::new();
+        {
+            let mut status_of = tx
+                .prepare_cached("SELECT status FROM items WHERE id = ?1")
+                .map_err(|e| Error::sqlite(&path, e))?;
+            let mut retry = tx
+                .prepare_cached(sql::RETRY)
+                .map_err(|e| Error::sqlite(&path, e))?;
+            let now = now_ms();
+            for &id in ids {
+                let status: Option<String> = status_of
+                    .query_row(params![id], |r| r.get(0))
+                    .optional()
+                    .map_err(|e| Error::sqlite(&path, e))?;
+                match status.as_deref() {
+                    None => missing.push(id),
+                    Some("running") => report.running.push(id),
+                    Some(_) => {
+                        retry
+                            .execute(params![id, now])
+                            .map_err(|e| Error::sqlite(&path, e))?;
+                        report.retried += 1;
+                    }
+                }
+            }
+        }
+        if !missing.is_empty() {
+            // Dropping `tx` rolls back whatever was already retried.
+            return Err(Error::NoSuchItems { ids: missing });
+        }
+        tx.commit().map_err(|e| Error::sqlite(&path, e))?;
+        Ok(report)
+    }
+
+    /// The underlying connection, for queries of one's own.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+fn record_in(
+    tx: &Transaction<'_>,
+    job: &Job,
+    c: &Completion,
+    now: i64,
+) -> rusqlite::Result<Recorded> {
+    let changed = match c {
+        Completion::Done { result } => tx.prepare_cached(sql::COMPLETE)?.execute(params![
+            job.id,
+            job.token,
+            payload_value(result),
+            now
+        ])?,
+        Completion::Retry {
+            error,
+            kind,
+            run_after,
+        } => {
+            tx.prepare_cached(sql::HISTORY)?.execute(params![
+                job.id,
+                job.token,
+                now,
+                kind.as_str(),
+                error
+            ])?;
+            tx.prepare_cached(sql::FAIL)?
+                .execute(params![job.id, job.token, "pending", run_after, error, now])?
+        }
+        Completion::Failed { error, kind } => {
+            tx.prepare_cached(sql::HISTORY)?.execute(params![
+                job.id,
+                job.token,
+                now,
+                kind.as_str(),
+                error
+            ])?;
+            tx.prepare_cached(sql::FAIL)?
+                .execute(params![job.id, job.token, "failed", now, error, now])?
+        }
+        Completion::Release => tx
+            .prepare_cached(sql::RELEASE)?
+            .execute(params![job.id, job.token, now])?,
+    };
+    Ok(if changed == 1 {
+        Recorded::Recorded
+    } else {
+        Recorded::LeaseLost
+    })
+}
+
+fn count_statuses(
+    tx: &Transaction<'_>,
+    sql: &str,
+    p: impl rusqlite::Params,
+) -> rusqlite::Result<Requeued> {
+    let mut moved = Requeued::default();
+    let mut stmt = tx.prepare_cached(sql)?;
+    let mut rows = stmt.query(p)?;
+    while let Some(row) = rows.next()? {
+        if row.get_ref(0)?.as_str()? == "failed" {
+            moved.failed += 1;
+        } else {
+            moved.pending += 1;
+        }
+    }
+    Ok(moved)
+}

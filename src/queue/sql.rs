@@ -1,0 +1,163 @@
+//! The statements that change item state, one per state change.
+//!
+//! Every statement that records the result of a lease names the lease it
+//! expects (`id`, `lease_token`, `status = 'running'`). Dropping any of
+//! those three conditions would still pass a single-worker test, but would
+//! let a worker whose lease was taken away overwrite the outcome recorded by
+//! the worker that holds the item now.
+
+/// ?1 worker, ?2 now, ?3 lease length in ms, ?4 how many.
+pub const CLAIM: &str = "
+UPDATE items
+SET status        = 'running',
+    attempts      = attempts + 1,
+    lease_token   = lease_token + 1,
+    lease_owner   = ?1,
+    lease_expires = ?2 + ?3,
+    started_at    = ?2
+WHERE id IN (
+    SELECT id
+    FROM items
+    WHERE status = 'pending' AND run_after <= ?2
+    ORDER BY priority DESC, id
+    LIMIT ?4
+)
+RETURNING id, payload, key, priority, attempts, max_attempts, lease_token";
+
+/// ?1 id, ?2 token, ?3 result, ?4 now.
+pub const COMPLETE: &str = "
+UPDATE items
+SET status        = 'done',
+    result        = ?3,
+    last_error    = NULL,
+    lease_owner   = NULL,
+    lease_expires = NULL,
+    finished_at   = ?4
+WHERE id = ?1 AND lease_token = ?2 AND status = 'running'";
+
+/// ?1 id, ?2 token, ?3 now, ?4 outcome, ?5 error. Runs before [`FAIL`],
+/// while the row still shows the lease it records.
+pub const HISTORY: &str = "
+INSERT INTO attempts (item_id, attempt, worker, started_at, ended_at, outcome, error)
+SELECT id, attempts, lease_owner, started_at, ?3, ?4, ?5
+FROM items
+WHERE id = ?1 AND lease_token = ?2 AND status = 'running'";
+
+/// ?1 id, ?2 token, ?3 new status, ?4 run_after, ?5 error, ?6 now.
+pub const FAIL: &str = "
+UPDATE items
+SET status        = ?3,
+    run_after     = ?4,
+    last_error    = ?5,
+    lease_owner   = NULL,
+    lease_expires = NULL,
+    finished_at   = CASE ?3 WHEN 'failed' THEN ?6 END
+WHERE id = ?1 AND lease_token = ?2 AND status = 'running'";
+
+/// ?1 id, ?2 token, ?3 now. Gives the attempt back: the item did not fail,
+/// the worker chose to stop.
+pub const RELEASE: &str = "
+UPDATE items
+SET status        = 'pending',
+    attempts      = attempts - 1,
+    run_after     = ?3,
+    lease_owner   = NULL,
+    lease_expires = NULL
+WHERE id = ?1 AND lease_token = ?2 AND status = 'running'";
+
+/// ?1 id, ?2 token, ?3 new expiry.
+pub const EXTEND: &str = "
+UPDATE items
+SET lease_expires = ?3
+WHERE id = ?1 AND lease_token = ?2 AND status = 'running'";
+
+/// Requeues of leases nobody will complete. The attempt is not given back,
+/// so an item that kills its worker every time ends `failed`.
+/// ?1 worker id, ?2 now.
+pub const LOST_OF_WORKER_HISTORY: &str = "
+INSERT INTO attempts (item_id, attempt, worker, started_at, ended_at, outcome, error)
+SELECT id, attempts, lease_owner, started_at, ?2, 'lost',
+       'worker ' || lease_owner || ' died while running this item'
+FROM items
+WHERE status = 'running' AND lease_owner = ?1";
+
+pub const LOST_OF_WORKER: &str = "
+UPDATE items
+SET status        = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
+    last_error    = 'worker ' || lease_owner || ' died while running this item (attempt '
+                    || attempts || ' of ' || max_attempts || ')',
+    run_after     = ?2,
+    lease_owner   = NULL,
+    lease_expires = NULL,
+    finished_at   = CASE WHEN attempts >= max_attempts THEN ?2 END
+WHERE status = 'running' AND lease_owner = ?1
+RETURNING status";
+
+/// ?1 now.
+pub const EXPIRED_HISTORY: &str = "
+INSERT INTO attempts (item_id, attempt, worker, started_at, ended_at, outcome, error)
+SELECT id, attempts, lease_owner, started_at, ?1, 'lost',
+       'lease of worker ' || lease_owner || ' expired (worker died or stalled)'
+FROM items
+WHERE status = 'running' AND lease_expires < ?1";
+
+pub const EXPIRED: &str = "
+UPDATE items
+SET status        = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
+    last_error    = 'lease of worker ' || lease_owner || ' expired while running this item '
+                    || '(worker died or stalled; attempt ' || attempts || ' of '
+                    || max_attempts || ')',
+    run_after     = ?1,
+    lease_owner   = NULL,
+    lease_expires = NULL,
+    finished_at   = CASE WHEN attempts >= max_attempts THEN ?1 END
+WHERE status = 'running' AND lease_expires < ?1
+RETURNING status";
+
+/// ?1 payload, ?2 key, ?3 priority, ?4 max attempts, ?5 run_after, ?6 now.
+pub const INSERT: &str = "
+INSERT INTO items (payload, key, priority, max_attempts, run_after, created_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+ON CONFLICT (key) DO NOTHING";
+
+/// ?1 id, ?2 now. Fresh attempts for a failed, done or waiting item; a
+/// running item is left to its worker.
+pub const RETRY: &str = "
+UPDATE items
+SET status      = 'pending',
+    attempts    = 0,
+    run_after   = ?2,
+    result      = NULL,
+    finished_at = NULL
+WHERE id = ?1 AND status IN ('failed', 'done', 'pending')";
+
+/// ?1 now.
+pub const RETRY_FAILED: &str = "
+UPDATE items
+SET status      = 'pending',
+    attempts    = 0,
+    run_after   = ?1,
+    finished_at = NULL
+WHERE status = 'failed'";
+
+/// ?1 id, ?2 pid, ?3 host, ?4 now.
+pub const REGISTER_WORKER: &str = "
+INSERT INTO workers (id, pid, host, started_at, heartbeat_at)
+VALUES (?1, ?2, ?3, ?4, ?4)";
+
+/// ?1 id, ?2 now.
+pub const WORKER_HEARTBEAT: &str = "
+UPDATE workers SET heartbeat_at = ?2 WHERE id = ?1 AND status = 'running'";
+
+/// ?1 id, ?2 now, ?3 'stopped' or 'dead'.
+pub const WORKER_GONE: &str = "
+UPDATE workers SET status = ?3, stopped_at = ?2 WHERE id = ?1 AND status = 'running'";
+
+/// The next item a claim would take, for the age of the queue's head.
+/// ?1 now.
+pub const HEAD: &str = "
+SELECT created_at
+FROM items
+WHERE status = 'pending' AND run_after <= ?1
+ORDER BY priority DESC, id
+LIMIT 1";

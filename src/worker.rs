@@ -1,0 +1,756 @@
+//! The worker: claim, execute, record, in one process.
+//!
+//! One thread (the caller's) owns the database session. Each turn it
+//! records the outcomes that arrived since the last one, extends its leases
+//! when a heartbeat is due and claims as many items as it has free executor
+//! slots, all in one immediate transaction. K executor threads run the
+//! items they receive over a crossbeam channel and send outcomes back.
+//! Timeouts, lost leases and shutdown reach a running item through its
+//! [`Cancel`], which kills a command's process group.
+//!
+//! When nothing is ready the thread does not take the write lock to find
+//! out: it polls `PRAGMA data_version` (which changes only when another
+//! connection commits) with a backoff of up to `idle_poll`, and wakes at
+//! the `run_after` of the earliest delayed item.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+use tracing::{debug, info, warn};
+
+use crate::error::Result;
+use crate::queue::{
+    now_ms, Backoff, Completion, FailureKind, Job, Queue, Recorded, Session, Turn, WorkerInfo,
+};
+
+/// What a handler reports for one item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Success, with the result to store.
+    Done(Vec<u8>),
+    /// Failure worth retrying (with backoff, until the attempt limit).
+    Retry(String),
+    /// Failure retrying cannot mend: the item ends `failed` now.
+    Fail(String),
+}
+
+/// Why a running item is being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// It ran past `--timeout`.
+    Timeout,
+    /// Its lease was taken away; any result would be dropped.
+    LeaseLost,
+    /// The worker is shutting down and the drain deadline passed.
+    Shutdown,
+}
+
+type Hook = Box<dyn FnMut() + Send>;
+
+/// The stop signal of one running item. Handlers poll
+/// [`Cancel::is_cancelled`]; the command runner installs a hook that kills
+/// the child's process group.
+#[derive(Default)]
+pub struct Cancel {
+    state: Mutex<(Option<CancelReason>, Option<Hook>)>,
+}
+
+impl std::fmt::Debug for Cancel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cancel")
+            .field("reason", &self.reason())
+            .finish()
+    }
+}
+
+impl Cancel {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<CancelReason>, Option<Hook>)> {
+        // A panic while holding this lock cannot leave the pair half-set.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Why the item was cancelled, if it was.
+    pub fn reason(&self) -> Option<CancelReason> {
+        self.lock().0
+    }
+
+    /// Returns true if and only if the item should stop now.
+    pub fn is_cancelled(&self) -> bool {
+        self.reason().is_some()
+    }
+
+    /// Cancels (the first reason wins) and runs the hook, if any.
+    pub fn cancel(&self, reason: CancelReason) {
+        let mut state = self.lock();
+        if state.0.is_none() {
+            state.0 = Some(reason);
+        }
+        if let Some(hook) = state.1.as_mut() {
+            hook();
+        }
+    }
+
+    /// Installs `hook`, run on cancellation; runs it at once if the item is
+    /// already cancelled.
+    pub fn set_hook(&self, mut hook: Hook) {
+        let mut state = self.lock();
+        if state.0.is_some() {
+            hook();
+        }
+        state.1 = Some(hook);
+    }
+
+    /// Removes the hook; once this returns it will not run again.
+    pub fn clear_hook(&self) {
+        self.lock().1 = None;
+    }
+}
+
+/// Runs one item. Implemented for closures `Fn(&Job, &Cancel) -> Outcome`.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, job: &Job, cancel: &Cancel) -> Outcome;
+}
+
+impl<F> Handler for F
+where
+    F: Fn(&Job, &Cancel) -> Outcome + Send + Sync + 'static,
+{
+    fn handle(&self, job: &Job, cancel: &Cancel) -> Outcome {
+        self(job, cancel)
+    }
+}
+
+impl Handler for crate::exec::CommandSpec {
+    fn handle(&self, job: &Job, cancel: &Cancel) -> Outcome {
+        self.run(job, cancel)
+    }
+}
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Identity to register; `None` makes a fresh one ([`new_worker_id`]).
+    pub id: Option<String>,
+    /// Executor threads: items run at once.
+    pub concurrency: usize,
+    /// How long a claim holds an item without a heartbeat. Leases are
+    /// extended every third of this while items run.
+    pub lease: Duration,
+    /// Longest an item may run before it is killed and counted failed.
+    pub timeout: Option<Duration>,
+    /// Keep waiting for new items instead of exiting when the queue drains.
+    pub follow: bool,
+    /// After a stop signal, how long running items may take to finish
+    /// before they are stopped and released.
+    pub drain_timeout: Duration,
+    pub backoff: Backoff,
+    /// Longest pause between checks for new work when idle.
+    pub idle_poll: Duration,
+    /// How often to requeue expired leases of other workers.
+    pub sweep_interval: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> WorkerConfig {
+        WorkerConfig {
+            id: None,
+            concurrency: 1,
+            lease: Duration::from_secs(30),
+            timeout: None,
+            follow: false,
+            drain_timeout: Duration::from_secs(30),
+            backoff: Backoff::default(),
+            idle_poll: Duration::from_millis(100),
+            sweep_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What one worker did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WorkerReport {
+    pub id: String,
+    pub done: u64,
+    pub retried: u64,
+    pub failed: u64,
+    /// Outcomes dropped because the lease had been taken away.
+    pub lost: u64,
+    /// Items handed back unfinished at shutdown.
+    pub released: u64,
+}
+
+/// A fresh identity for one process start: host, pid and 48 random bits,
+/// so a restarted worker (even one that got the same pid) is never taken
+/// for the one that died.
+pub fn new_worker_id() -> String {
+    format!(
+        "{}-{}-{:012x}",
+        host_name(),
+        std::process::id(),
+        fastrand::u64(..) >> 16
+    )
+}
+
+/// This machine's host name, or "localhost" if it has none.
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(s) if r == 0 && !s.is_empty() => s.to_string(),
+        _ => "localhost".to_string(),
+    }
+}
+
+/// A worker process's loop; see the module doc.
+pub struct Worker {
+    queue: Queue,
+    config: WorkerConfig,
+    handler: Arc<dyn Handler>,
+    id: String,
+}
+
+struct InFlight {
+    job: Job,
+    cancel: Arc<Cancel>,
+    deadline: Option<Instant>,
+    started: Instant,
+}
+
+struct Finished {
+    id: i64,
+    outcome: Outcome,
+}
+
+impl Worker {
+    pub fn new(queue: Queue, config: WorkerConfig, handler: impl Handler) -> Worker {
+        let id = config.id.clone().unwrap_or_else(new_worker_id);
+        Worker {
+            queue,
+            config,
+            handler: Arc::new(handler),
+            id,
+        }
+    }
+
+    /// This worker's identity, as registered and as written in its leases.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Runs until the queue is drained (or, with `follow`, until stopped).
+    ///
+    /// A message on `stop` starts a graceful stop: no more claims, running
+    /// items get `drain_timeout` to finish, then they are cancelled and
+    /// released with their attempt given back. A second message skips the
+    /// wait. A disconnected `stop` never stops the worker.
+    pub fn run(self, stop: Receiver<()>) -> Result<WorkerReport> {
+        let mut session = self.queue.session()?;
+        session.register_worker(&WorkerInfo {
+            id: self.id.clone(),
+            pid: std::process::id(),
+            host: host_name(),
+        })?;
+        info!(worker = %self.id, concurrency = self.config.concurrency, "worker started");
+
+        let k = self.config.concurrency.max(1);
+        let (job_tx, job_rx) = crossbeam_channel::bounded::<(Job, Arc<Cancel>)>(k);
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Finished>();
+        let executors: Vec<JoinHandle<()>> = (0..k)
+            .map(|n| spawn_executor(n, self.handler.clone(), job_rx.clone(), done_tx.clone()))
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| {
+                crate::error::Error::Config(format!("cannot start executor threads: {e}"))
+            })?;
+        drop(done_tx);
+
+        let mut state = Loop {
+            cfg: &self.config,
+            id: &self.id,
+            session: &mut session,
+            job_tx: Some(job_tx),
+            job_rx,
+            done_rx,
+            stop,
+            in_flight: HashMap::new(),
+            finished: Vec::new(),
+            report: WorkerReport {
+                id: self.id.clone(),
+                ..WorkerReport::default()
+            },
+            stopping: None,
+            cancelled_all: None,
+            idle: None,
+            poll: MIN_POLL,
+            last_heartbeat: Instant::now(),
+            last_sweep: None,
+            trouble: None,
+        };
+        let result = state.run();
+        let abandoned = !state.in_flight.is_empty();
+        let report = state.report.clone();
+        drop(state);
+        if !abandoned {
+            for handle in executors {
+                let _ = handle.join();
+            }
+        }
+        let stopped = session.worker_stopped(&self.id);
+        result?;
+        stopped?;
+        info!(
+            worker = %self.id, done = report.done, retried = report.retried,
+            failed = report.failed, lost = report.lost, released = report.released,
+            "worker stopped"
+        );
+        Ok(report)
+    }
+}
+
+const MIN_POLL: Duration = Duration::from_millis(1);
+/// After cancelling everything at shutdown, how long to wait for handlers
+/// that ignore their [`Cancel`] before releasing their items anyway.
+const ABANDON_AFTER: Duration = Duration::from_secs(5);
+
+fn spawn_executor(
+    n: usize,
+    handler: Arc<dyn Handler>,
+    jobs: Receiver<(Job, Arc<Cancel>)>,
+    done: Sender<Finished>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("executor-{n}"))
+        .spawn(move || {
+            for (job, cancel) in jobs.iter() {
+                let outcome = catch_unwind(AssertUnwindSafe(|| handler.handle(&job, &cancel)))
+                    .unwrap_or_else(|panic| {
+                        let msg = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Outcome::Retry(format!("handler panicked: {msg}"))
+                    });
+                if done
+                    .send(Finished {
+                        id: job.id,
+                        outcome,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+}
+
+/// The database thread's state between turns.
+struct Loop<'a> {
+    cfg: &'a WorkerConfig,
+    id: &'a str,
+    session: &'a mut Session,
+    job_tx: Option<Sender<(Job, Arc<Cancel>)>>,
+    job_rx: Receiver<(Job, Arc<Cancel>)>,
+    done_rx: Receiver<Finished>,
+    stop: Receiver<()>,
+    in_flight: HashMap<i64, InFlight>,
+    /// Outcomes waiting for the next turn.
+    finished: Vec<(Job, Completion)>,
+    report: WorkerReport,
+    /// Set by the first stop signal: the drain deadline.
+    stopping: Option<Instant>,
+    /// When every running item was cancelled for shutdown.
+    cancelled_all: Option<Instant>,
+    /// Set when a claim found less than it asked for.
+    idle: Option<Idle>,
+    poll: Duration,
+    last_heartbeat: Instant,
+    last_sweep: Option<Instant>,
+    /// A transient database error being waited out.
+    trouble: Option<Trouble>,
+}
+
+struct Trouble {
+    since: Instant,
+    failures: u64,
+    logged: Instant,
+}
+
+struct Idle {
+    data_version: i64,
+    next_ready_at: Option<i64>,
+}
+
+impl Loop<'_> {
+    fn run(&mut self) -> Result<()> {
+        loop {
+            while let Ok(f) = self.done_rx.try_recv() {
+                self.finish(f);
+            }
+            self.enforce_deadlines();
+
+            let free = self
+                .cfg
+                .concurrency
+                .max(1)
+                .saturating_sub(self.in_flight.len());
+            let want = if self.stopping.is_none() && free > 0 && self.maybe_ready()? {
+                free
+            } else {
+                0
+            };
+            let beat = self.last_heartbeat.elapsed() >= self.cfg.lease / 3;
+            if !self.finished.is_empty() || want > 0 || beat {
+                self.turn(want, beat)?;
+            }
+            if self.trouble.is_none() && self.sweep_due() {
+                self.sweep()?;
+            }
+
+            if self.in_flight.is_empty() && self.finished.is_empty() {
+                if self.stopping.is_some() {
+                    return Ok(());
+                }
+                if !self.cfg.follow && self.idle.is_some() && self.trouble.is_none() {
+                    let (pending, running) = self.session.open_counts()?;
+                    if pending == 0 && running == 0 {
+                        debug!(worker = %self.id, "queue drained");
+                        return Ok(());
+                    }
+                }
+            }
+            if self.abandon_due() {
+                self.abandon()?;
+                return Ok(());
+            }
+            self.wait();
+        }
+    }
+
+    /// Whether a claim might find something, without taking the write lock.
+    fn maybe_ready(&mut self) -> Result<bool> {
+        let Some(idle) = &self.idle else {
+            return Ok(true);
+        };
+        if idle.next_ready_at.is_some_and(|at| at <= now_ms()) {
+            return Ok(true);
+        }
+        Ok(self.session.data_version()? != idle.data_version)
+    }
+
+    fn turn(&mut self, want: usize, beat: bool) -> Result<()> {
+        let extend = if beat {
+            self.in_flight
+                .values()
+                .map(|f| (f.job.id, f.job.token))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let finished = std::mem::take(&mut self.finished);
+        let turn = Turn {
+            finished,
+            extend,
+            claim: want,
+            heartbeat: beat,
+        };
+        let kinds: Vec<Kind> = turn.finished.iter().map(|(_, c)| Kind::of(c)).collect();
+        let result = match self.session.turn(self.id, self.cfg.lease, &turn) {
+            Ok(r) => r,
+            Err(e) if e.is_transient() => {
+                self.finished = turn.finished;
+                self.troubled(&e);
+                return Ok(());
+            }
+            Err(e) => {
+                self.finished = turn.finished;
+                return Err(e);
+            }
+        };
+        if let Some(t) = self.trouble.take() {
+            info!(worker = %self.id, failures = t.failures, after = ?t.since.elapsed(), "database writable again");
+        }
+        if beat {
+            self.last_heartbeat = Instant::now();
+        }
+        for ((id, recorded), kind) in result.recorded.iter().zip(kinds) {
+            match recorded {
+                Recorded::LeaseLost => {
+                    self.report.lost += 1;
+                    warn!(worker = %self.id, item = id, "lease lost before the outcome was recorded; outcome dropped");
+                }
+                Recorded::Recorded => match kind {
+                    Kind::Done => self.report.done += 1,
+                    Kind::Retry => self.report.retried += 1,
+                    Kind::Failed => self.report.failed += 1,
+                    Kind::Release => self.report.released += 1,
+                },
+            }
+        }
+        for id in &result.lost {
+            if let Some(f) = self.in_flight.get(id) {
+                warn!(worker = %self.id, item = id, "lease lost while running; stopping the item");
+                f.cancel.cancel(crate::worker::CancelReason::LeaseLost);
+            }
+        }
+        if want > 0 {
+            if result.claimed.len() < want {
+                self.idle = Some(Idle {
+                    data_version: self.session.data_version()?,
+                    next_ready_at: self.session.next_ready_at()?,
+                });
+            } else {
+                self.idle = None;
+                self.poll = MIN_POLL;
+            }
+        }
+        if !result.claimed.is_empty() {
+            self.poll = MIN_POLL;
+        }
+        for job in result.claimed {
+            self.dispatch(job);
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, job: Job) {
+        let cancel = Arc::new(Cancel::default());
+        let now = Instant::now();
+        self.in_flight.insert(
+            job.id,
+            InFlight {
+                job: job.clone(),
+                cancel: cancel.clone(),
+                deadline: self.cfg.timeout.map(|t| now + t),
+                started: now,
+            },
+        );
+        debug!(worker = %self.id, item = job.id, attempt = job.attempt, "claimed");
+        if let Some(tx) = &self.job_tx {
+            // The channel holds `concurrency` jobs and we never have more in
+            // flight, so this does not block.
+            if let Err(e) = tx.send((job, cancel)) {
+                let (job, _) = e.into_inner();
+                self.in_flight.remove(&job.id);
+                self.finished.push((job, Completion::Release));
+            }
+        }
+    }
+
+    /// Turns an executor's report into the completion to record.
+    fn finish(&mut self, f: Finished) {
+        let Some(flight) = self.in_flight.remove(&f.id) else {
+            return;
+        };
+        let job = flight.job;
+        let elapsed = flight.started.elapsed();
+        let completion = match (flight.cancel.reason(), f.outcome) {
+            (Some(CancelReason::LeaseLost), _) => {
+                self.report.lost += 1;
+                return;
+            }
+            // It finished before the kill landed: keep the result.
+            (_, Outcome::Done(result)) => Completion::Done { result },
+            (Some(CancelReason::Shutdown), _) => Completion::Release,
+            (Some(CancelReason::Timeout), outcome) => {
+                let limit = self.cfg.timeout.unwrap_or(elapsed);
+                let mut error = format!("timed out after {}", humantime::format_duration(limit));
+                if let Outcome::Retry(e) | Outcome::Fail(e) = outcome {
+                    error = format!("{error} ({e})");
+                }
+                self.cfg
+                    .backoff
+                    .completion(&job, error, FailureKind::Timeout)
+            }
+            (None, Outcome::Retry(error)) => {
+                self.cfg.backoff.completion(&job, error, FailureKind::Error)
+            }
+            (None, Outcome::Fail(error)) => Completion::Failed {
+                error,
+                kind: FailureKind::Permanent,
+            },
+        };
+        match &completion {
+            Completion::Retry { error, .. } => {
+                warn!(worker = %self.id, item = job.id, attempt = job.attempt, error = %error, "item failed, will retry")
+            }
+            Completion::Failed { error, .. } => {
+                warn!(worker = %self.id, item = job.id, attempt = job.attempt, error = %error, "item failed")
+            }
+            _ => debug!(worker = %self.id, item = job.id, ?elapsed, "item finished"),
+        }
+        self.finished.push((job, completion));
+    }
+
+    fn enforce_deadlines(&mut self) {
+        let now = Instant::now();
+        for f in self.in_flight.values() {
+            if f.deadline.is_some_and(|d| now >= d) && !f.cancel.is_cancelled() {
+                f.cancel.cancel(CancelReason::Timeout);
+            }
+        }
+        if self.stopping.is_some_and(|d| now >= d) && self.cancelled_all.is_none() {
+            self.cancel_all();
+        }
+    }
+
+    fn cancel_all(&mut self) {
+        if !self.in_flight.is_empty() {
+            info!(worker = %self.id, items = self.in_flight.len(), "drain deadline reached; stopping running items");
+        }
+        for f in self.in_flight.values() {
+            f.cancel.cancel(CancelReason::Shutdown);
+        }
+        self.cancelled_all = Some(Instant::now());
+    }
+
+    fn begin_stop(&mut self) {
+        if self.stopping.is_some() {
+            info!(worker = %self.id, "second stop signal: stopping running items now");
+            self.cancel_all();
+            return;
+        }
+        info!(worker = %self.id, running = self.in_flight.len(), "stopping: no new claims, draining");
+        self.stopping = Some(Instant::now() + self.cfg.drain_timeout);
+        // Jobs claimed but not yet picked up by an executor go back at once.
+        while let Ok((job, _)) = self.job_rx.try_recv() {
+            self.in_flight.remove(&job.id);
+            self.finished.push((job, Completion::Release));
+        }
+    }
+
+    fn abandon_due(&self) -> bool {
+        self.cancelled_all
+            .is_some_and(|at| at.elapsed() >= ABANDON_AFTER)
+            && !self.in_flight.is_empty()
+    }
+
+    /// Releases items whose handler ignored cancellation; their threads are
+    /// left behind and end with the process.
+    fn abandon(&mut self) -> Result<()> {
+        warn!(worker = %self.id, items = self.in_flight.len(), "handlers ignored cancellation; releasing their items");
+        let stuck: Vec<Job> = self.in_flight.values().map(|f| f.job.clone()).collect();
+        for job in stuck {
+            self.finished.push((job, Completion::Release));
+        }
+        self.job_tx = None;
+        self.turn(0, false)
+    }
+
+    fn sweep_due(&self) -> bool {
+        self.last_sweep
+            .is_none_or(|at| at.elapsed() >= self.cfg.sweep_interval)
+    }
+
+    fn sweep(&mut self) -> Result<()> {
+        self.last_sweep = Some(Instant::now());
+        match self.session.requeue_expired() {
+            Ok(moved) if moved.total() > 0 => {
+                info!(worker = %self.id, pending = moved.pending, failed = moved.failed, "requeued expired leases");
+                self.idle = None;
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) if e.is_transient() => {
+                self.troubled(&e);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn troubled(&mut self, e: &crate::error::Error) {
+        let now = Instant::now();
+        let t = self.trouble.get_or_insert(Trouble {
+            since: now,
+            failures: 0,
+            logged: now,
+        });
+        t.failures += 1;
+        // Logged on the first failure, then at most once a minute.
+        if t.failures == 1 || t.logged.elapsed() >= Duration::from_secs(60) {
+            t.logged = now;
+            warn!(worker = %self.id, error = %e, failures = t.failures, "database write failed; will retry");
+        }
+    }
+
+    /// Sleeps until an outcome arrives, a stop signal, or the next deadline.
+    fn wait(&mut self) {
+        let now = Instant::now();
+        let mut until = now + self.cfg.lease / 3;
+        let mut consider = |t: Instant| until = until.min(t);
+        for f in self.in_flight.values() {
+            if let Some(d) = f.deadline {
+                consider(d);
+            }
+        }
+        if let Some(d) = self.stopping {
+            if self.cancelled_all.is_none() {
+                consider(d);
+            }
+        }
+        if let Some(at) = self.cancelled_all {
+            consider(at + ABANDON_AFTER);
+        }
+        if let Some(at) = self.last_sweep {
+            consider(at + self.cfg.sweep_interval);
+        }
+        let free = self.in_flight.len() < self.cfg.concurrency.max(1);
+        if self.trouble.is_some() {
+            consider(now + Duration::from_secs(1));
+        } else if self.idle.is_some() && free && self.stopping.is_none() {
+            // Idle: check again soon, backing off to `idle_poll`, jittered so
+            // idle workers do not poll in lockstep.
+            let jittered = self.poll.mul_f64(0.5 + fastrand::f64() / 2.0);
+            consider(now + jittered);
+            self.poll = (self.poll * 2).min(self.cfg.idle_poll.max(MIN_POLL));
+            if let Some(at) = self.idle.as_ref().and_then(|i| i.next_ready_at) {
+                let ms = u64::try_from((at - now_ms()).max(0)).unwrap_or(0);
+                consider(now + Duration::from_millis(ms));
+            }
+        }
+        let timeout = until.saturating_duration_since(now);
+        select! {
+            recv(self.done_rx) -> msg => {
+                if let Ok(f) = msg {
+                    self.finish(f);
+                }
+            }
+            recv(self.stop) -> msg => {
+                match msg {
+                    Ok(()) => self.begin_stop(),
+                    // Nobody can send a stop any more: never stop.
+                    Err(_) => self.stop = crossbeam_channel::never(),
+                }
+            }
+            default(timeout) => {}
+        }
+    }
+}
+
+/// The kind of a completion, kept to count what a turn recorded.
+#[derive(Clone, Copy)]
+enum Kind {
+    Done,
+    Retry,
+    Failed,
+    Release,
+}
+
+impl Kind {
+    fn of(c: &Completion) -> Kind {
+        match c {
+            Completion::Done { .. } => Kind::Done,
+            Completion::Retry { .. } => Kind::Retry,
+            Completion::Failed { .. } => Kind::Failed,
+            Completion::Release => Kind::Release,
+        }
+    }
+}
