@@ -754,3 +754,88 @@ impl Kind {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{NewItem, Status};
+
+    fn queue_with(n: usize) -> (tempfile::TempDir, Queue) {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::create(dir.path().join("q.db")).unwrap();
+        let items = (0..n).map(|i| Ok(NewItem::new(i.to_string())));
+        queue.add(items, 2).unwrap();
+        (dir, queue)
+    }
+
+    fn config(concurrency: usize) -> WorkerConfig {
+        WorkerConfig {
+            concurrency,
+            backoff: Backoff {
+                base: Duration::ZERO,
+                max: Duration::ZERO,
+            },
+            ..WorkerConfig::default()
+        }
+    }
+
+    #[test]
+    fn closure_handler_runs_every_item_and_failures_retry_then_fail() {
+        let (_dir, queue) = queue_with(200);
+        let handler = |job: &Job, _: &Cancel| {
+            let n: u32 = String::from_utf8_lossy(&job.payload).parse().unwrap_or(0);
+            match n % 50 {
+                0 => Outcome::Retry("even fifty".into()),
+                1 => panic!("handler bug"),
+                _ => Outcome::Done(format!("{}", n * 2).into_bytes()),
+            }
+        };
+        let (_keep, stop) = crossbeam_channel::bounded(1);
+        let report = Worker::new(queue.clone(), config(4), handler)
+            .run(stop)
+            .unwrap();
+        assert_eq!((report.done, report.failed, report.retried), (192, 8, 8));
+        let failed = queue
+            .session()
+            .unwrap()
+            .list(Some(Status::Failed), None)
+            .unwrap();
+        assert!(failed
+            .iter()
+            .any(|r| r.last_error.as_deref() == Some("handler panicked: handler bug")));
+        let status = queue.status().unwrap();
+        assert_eq!((status.pending, status.running, status.workers), (0, 0, 0));
+    }
+
+    #[test]
+    fn stop_drains_then_releases_items_whose_handler_honours_cancel() {
+        let (_dir, queue) = queue_with(3);
+        let (started_tx, started) = crossbeam_channel::unbounded();
+        let handler = move |job: &Job, cancel: &Cancel| {
+            let _ = started_tx.send(job.id);
+            while !cancel.is_cancelled() {
+                std::thread::park_timeout(Duration::from_millis(5));
+            }
+            Outcome::Retry("interrupted".into())
+        };
+        let cfg = WorkerConfig {
+            drain_timeout: Duration::from_millis(100),
+            ..config(2)
+        };
+        let (tx, stop) = crossbeam_channel::bounded(1);
+        let worker = Worker::new(queue.clone(), cfg, handler);
+        let run = std::thread::spawn(move || worker.run(stop));
+        for _ in 0..2 {
+            started.recv_timeout(Duration::from_secs(20)).unwrap();
+        }
+        tx.send(()).unwrap();
+        let report = run.join().unwrap().unwrap();
+        assert_eq!((report.done, report.released), (0, 2));
+        let rows = queue.session().unwrap().list(None, None).unwrap();
+        assert!(
+            rows.iter()
+                .all(|r| r.status == "pending" && r.attempts == 0),
+            "{rows:?}"
+        );
+    }
+}

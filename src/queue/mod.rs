@@ -1050,3 +1050,6 @@ fn count_statuses(
     }
     Ok(moved)
 }
+
+#[cfg(test)]
+mod tests;

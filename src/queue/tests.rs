@@ -1,0 +1,371 @@
+//! Unit tests of the store against real files in a temporary directory.
+
+use std::time::Duration;
+
+use super::*;
+
+fn fresh() -> (tempfile::TempDir, Queue) {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::create(dir.path().join("q.db")).unwrap();
+    (dir, queue)
+}
+
+fn add(queue: &Queue, payloads: &[&str]) {
+    let items = payloads
+        .iter()
+        .map(|p| Ok(NewItem::new(p.as_bytes().to_vec())));
+    queue.add(items, 3).unwrap();
+}
+
+/// Counts by status computed from the items themselves.
+fn real_counts(queue: &Queue) -> Vec<(String, i64)> {
+    let s = queue.session().unwrap();
+    let mut stmt = s
+        .connection()
+        .prepare("SELECT status, count(*) FROM items GROUP BY status ORDER BY status")
+        .unwrap();
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    rows.map(|r| r.unwrap()).collect()
+}
+
+/// Counts by status as the maintained `counts` table has them.
+fn kept_counts(queue: &Queue) -> Vec<(String, i64)> {
+    let s = queue.session().unwrap();
+    let mut stmt = s
+        .connection()
+        .prepare("SELECT status, n FROM counts WHERE n <> 0 ORDER BY status")
+        .unwrap();
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    rows.map(|r| r.unwrap()).collect()
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+
+#[test]
+fn claim_uses_the_partial_index_and_no_table_scan() {
+    let (_dir, queue) = fresh();
+    let s = queue.session().unwrap();
+    let sql = format!("EXPLAIN QUERY PLAN {}", sql::CLAIM);
+    let mut stmt = s.connection().prepare(&sql).unwrap();
+    let plan: Vec<String> = stmt
+        .query_map(params!["w", 0, 0, 1], |r| r.get::<_, String>(3))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    let text = plan.join("\n");
+    // The subquery walks items_ready in claim order; the outer UPDATE looks
+    // rows up by id. Any other scan of items would grow with the queue.
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("SCAN items USING COVERING INDEX items_ready")),
+        "plan:\n{text}"
+    );
+    for line in &plan {
+        let scan = line.starts_with("SCAN items") && !line.contains("INDEX items_ready");
+        assert!(!scan, "table scan in plan:\n{text}");
+    }
+    assert!(
+        !text.contains("TEMP B-TREE"),
+        "claim must not sort:\n{text}"
+    );
+}
+
+#[test]
+fn claim_takes_highest_priority_first_and_bumps_attempt_and_token() {
+    let (_dir, queue) = fresh();
+    let items = vec![
+        Ok(NewItem::new("low")),
+        Ok(NewItem {
+            priority: 5,
+            ..NewItem::new("high")
+        }),
+        Ok(NewItem::new("low2")),
+    ];
+    queue.add(items, 3).unwrap();
+    let jobs = queue.claim("w1", 2, LEASE).unwrap();
+    let payloads: Vec<&[u8]> = jobs.iter().map(|j| j.payload.as_slice()).collect();
+    assert_eq!(payloads, vec![&b"high"[..], b"low"]);
+    assert!(jobs.iter().all(|j| j.attempt == 1 && j.token == 1));
+    // A second claim gets the rest, never the same item.
+    let rest = queue.claim("w2", 5, LEASE).unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].payload, b"low2");
+}
+
+#[test]
+fn completion_after_requeue_is_fenced_off() {
+    let (_dir, queue) = fresh();
+    add(&queue, &["a"]);
+    let old = queue.claim("dead", 1, LEASE).unwrap().remove(0);
+    assert_eq!(queue.requeue_worker("dead").unwrap().pending, 1);
+    let new = queue.claim("alive", 1, LEASE).unwrap().remove(0);
+    assert_eq!(new.id, old.id);
+    assert_eq!(new.token, old.token + 1);
+
+    let late = Completion::Done {
+        result: b"stale".to_vec(),
+    };
+    assert_eq!(queue.record(&old, late).unwrap(), Recorded::LeaseLost);
+    let mut s = queue.session().unwrap();
+    assert_eq!(s.extend(&old, LEASE).unwrap(), Recorded::LeaseLost);
+    let fresh = Completion::Done {
+        result: b"fresh".to_vec(),
+    };
+    assert_eq!(queue.record(&new, fresh).unwrap(), Recorded::Recorded);
+    // Recording twice is fenced too: the item is no longer running.
+    let again = Completion::Done {
+        result: b"again".to_vec(),
+    };
+    assert_eq!(queue.record(&new, again).unwrap(), Recorded::LeaseLost);
+
+    let row = &s.list(None, None).unwrap()[0];
+    assert_eq!(row.result.as_deref(), Some(&b"fresh"[..]));
+    assert_eq!(row.status, "done");
+    let lost: i64 = s
+        .connection()
+        .query_row(
+            "SELECT count(*) FROM attempts WHERE outcome = 'lost'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(lost, 1);
+}
+
+#[test]
+fn requeues_never_touch_a_live_lease_of_another_worker() {
+    let (_dir, queue) = fresh();
+    add(&queue, &["a", "b"]);
+    queue.claim("w1", 1, LEASE).unwrap();
+    queue.claim("w2", 1, LEASE).unwrap();
+    // w2's lease expired a second ago; w1's has 30 s to go.
+    let s = queue.session().unwrap();
+    let sql = "UPDATE items SET lease_expires = ?1 WHERE lease_owner = 'w2'";
+    s.connection()
+        .execute(sql, params![now_ms() - 1000])
+        .unwrap();
+    let moved = queue.requeue_expired().unwrap();
+    assert_eq!(
+        moved,
+        Requeued {
+            pending: 1,
+            failed: 0
+        }
+    );
+    assert_eq!(queue.requeue_worker("w3").unwrap().total(), 0);
+    let running = queue.status().unwrap().running;
+    assert_eq!(running, 1, "w1's live lease must stay");
+}
+
+#[test]
+fn failures_back_off_then_fail_and_permanent_skips_attempts() {
+    let (_dir, queue) = fresh();
+    add(&queue, &["a", "b"]);
+    let backoff = Backoff {
+        base: Duration::from_millis(0),
+        max: Duration::from_millis(0),
+    };
+    for attempt in 1..=3 {
+        let job = queue.claim("w", 1, LEASE).unwrap().remove(0);
+        assert_eq!((job.payload.as_slice(), job.attempt), (&b"a"[..], attempt));
+        let c = backoff.completion(&job, format!("boom {attempt}"), FailureKind::Error);
+        assert_eq!(matches!(c, Completion::Failed { .. }), attempt == 3);
+        assert_eq!(queue.record(&job, c).unwrap(), Recorded::Recorded);
+    }
+    let job = queue.claim("w", 1, LEASE).unwrap().remove(0);
+    assert_eq!(job.payload, b"b");
+    let c = backoff.completion(&job, "no".into(), FailureKind::Permanent);
+    queue.record(&job, c).unwrap();
+
+    let mut s = queue.session().unwrap();
+    let failed = s.list(Some(Status::Failed), None).unwrap();
+    let summary: Vec<(i64, Option<&str>)> = failed
+        .iter()
+        .map(|r| (r.attempts, r.last_error.as_deref()))
+        .collect();
+    assert_eq!(summary, vec![(3, Some("boom 3")), (1, Some("no"))]);
+    let history: Vec<String> = s
+        .connection()
+        .prepare("SELECT outcome FROM attempts ORDER BY item_id, attempt")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(history, vec!["error", "error", "error", "permanent"]);
+    assert_eq!(real_counts(&queue), kept_counts(&queue));
+}
+
+#[test]
+fn backoff_grows_exponentially_within_jitter_and_cap() {
+    let b = Backoff {
+        base: Duration::from_secs(1),
+        max: Duration::from_secs(10),
+    };
+    for (attempt, full) in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 10), (40, 10)] {
+        let d = b.delay(attempt);
+        let full = Duration::from_secs(full);
+        assert!(
+            d >= full / 2 && d <= full,
+            "attempt {attempt}: {d:?} vs {full:?}"
+        );
+    }
+}
+
+#[test]
+fn delayed_items_wait_for_run_after() {
+    let (_dir, queue) = fresh();
+    let item = NewItem {
+        delay: Some(Duration::from_secs(3600)),
+        ..NewItem::new("later")
+    };
+    queue.add([Ok(item)], 3).unwrap();
+    assert!(queue.claim("w", 1, LEASE).unwrap().is_empty());
+    let next = queue.session().unwrap().next_ready_at().unwrap();
+    assert!(next.is_some_and(|at| at > now_ms()));
+}
+
+#[test]
+fn release_gives_the_attempt_back() {
+    let (_dir, queue) = fresh();
+    add(&queue, &["a"]);
+    let job = queue.claim("w", 1, LEASE).unwrap().remove(0);
+    assert_eq!(
+        queue.record(&job, Completion::Release).unwrap(),
+        Recorded::Recorded
+    );
+    let again = queue.claim("w", 1, LEASE).unwrap().remove(0);
+    assert_eq!(again.attempt, 1);
+    assert_eq!(again.token, job.token + 1);
+}
+
+#[test]
+fn worker_out_of_attempts_ends_failed_on_requeue() {
+    let (_dir, queue) = fresh();
+    queue
+        .add(
+            [Ok(NewItem {
+                max_attempts: Some(1),
+                ..NewItem::new("poison")
+            })],
+            3,
+        )
+        .unwrap();
+    queue.claim("w", 1, LEASE).unwrap();
+    assert_eq!(
+        queue.requeue_worker("w").unwrap(),
+        Requeued {
+            pending: 0,
+            failed: 1
+        }
+    );
+    let row = &queue.session().unwrap().list(None, None).unwrap()[0];
+    assert_eq!(row.status, "failed");
+    let error = row.last_error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("worker w died while running this item"),
+        "{error}"
+    );
+    assert_eq!(real_counts(&queue), kept_counts(&queue));
+}
+
+#[test]
+fn add_is_all_or_nothing_and_dedupes_keys() {
+    let (_dir, queue) = fresh();
+    let report = queue
+        .add(
+            [
+                Ok(NewItem::new("a").key("k")),
+                Ok(NewItem::new("b").key("k")),
+            ],
+            3,
+        )
+        .unwrap();
+    assert_eq!(
+        report,
+        AddReport {
+            added: 1,
+            duplicates: 1
+        }
+    );
+    let bad = vec![
+        Ok(NewItem::new("c")),
+        Err(Error::Input {
+            input: "x".into(),
+            line: 2,
+            reason: "bad".into(),
+        }),
+    ];
+    assert!(queue.add(bad, 3).is_err());
+    assert_eq!(queue.status().unwrap().total, 1);
+}
+
+#[test]
+fn payload_bytes_round_trip_as_text_or_blob() {
+    let (_dir, queue) = fresh();
+    let odd: Vec<u8> = vec![0, 0xff, b'\n', b'x'];
+    queue
+        .add(
+            [Ok(NewItem::new(odd.clone())), Ok(NewItem::new("plain"))],
+            3,
+        )
+        .unwrap();
+    let jobs = queue.claim("w", 2, LEASE).unwrap();
+    assert_eq!(jobs[0].payload, odd);
+    let s = queue.session().unwrap();
+    let kinds: Vec<String> = s
+        .connection()
+        .prepare("SELECT typeof(payload) FROM items ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(kinds, vec!["blob", "text"]);
+}
+
+#[test]
+fn retry_by_id_refuses_unknown_ids_and_changes_nothing() {
+    let (_dir, queue) = fresh();
+    add(&queue, &["a", "b"]);
+    let job = queue.claim("w", 1, LEASE).unwrap().remove(0);
+    let failed = Completion::Failed {
+        error: "x".into(),
+        kind: FailureKind::Permanent,
+    };
+    queue.record(&job, failed).unwrap();
+    let mut s = queue.session().unwrap();
+    let err = s.retry_ids(&[job.id, 999]).unwrap_err();
+    assert_eq!(err.to_string(), "no item with id 999");
+    assert_eq!(queue.status().unwrap().failed, 1);
+    let report = s.retry_ids(&[job.id]).unwrap();
+    assert_eq!(report.retried, 1);
+    assert_eq!(queue.status().unwrap().failed, 0);
+    assert_eq!(real_counts(&queue), kept_counts(&queue));
+}
+
+#[test]
+fn newer_schema_and_foreign_files_are_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let newer = dir.path().join("newer.db");
+    drop(Queue::create(&newer).unwrap());
+    {
+        let c = Connection::open(&newer).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+    }
+    let err = Queue::open(&newer).unwrap_err();
+    assert!(matches!(err, Error::NewerSchema { found: 99, .. }), "{err}");
+
+    let foreign = dir.path().join("foreign.db");
+    {
+        let c = Connection::open(&foreign).unwrap();
+        c.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+    }
+    let before = std::fs::read(&foreign).unwrap();
+    let err = Queue::open(&foreign).unwrap_err();
+    assert!(matches!(err, Error::NotLitework { .. }), "{err}");
+    assert!(err.is_input());
+    assert_eq!(std::fs::read(&foreign).unwrap(), before);
+    assert!(!dir.path().join("foreign.db-wal").exists());
+}
