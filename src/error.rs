@@ -94,6 +94,13 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Writing an export or listing failed.
+    #[error("writing output: {source}")]
+    Output {
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The input held no items.
     #[error("{input}: no items in input")]
     EmptyInput { input: String },

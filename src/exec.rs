@@ -247,6 +247,36 @@ fn wait_child(
     // process that reused it.
     cancel.set_hook(Box::new(move || kill_group(pid)));
 
+    let pumped = pump(&mut child, stdin, max_output, max_error);
+    if pumped.is_err() {
+        kill_group(pid);
+    }
+
+    // Wait without reaping, so the pid stays ours while the group is killed
+    // and the hook removed; only then reap.
+    let waited = wait_exited_no_reap(pid);
+    kill_group(pid);
+    cancel.clear_hook();
+    let status = child.wait()?;
+    waited?;
+    let (stdout, stderr_tail) = pumped?;
+    Ok(Finished {
+        status,
+        stdout,
+        stderr_tail,
+    })
+}
+
+/// Feeds standard input and collects output until both output pipes close.
+/// When the leader exits (seen on its pidfd) the rest of its group is
+/// killed, so that nothing can hold the pipes open.
+fn pump(
+    child: &mut Child,
+    stdin: Option<&[u8]>,
+    max_output: usize,
+    max_error: usize,
+) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
     let mut out = child.stdout.take().map(Pipe::new);
     let mut err = child.stderr.take().map(Pipe::new);
     let mut input = child.stdin.take();
@@ -334,18 +364,7 @@ fn wait_child(
         }
     }
     drop(input);
-
-    // Wait without reaping, so the pid stays ours while the group is killed
-    // and the hook removed; only then reap.
-    wait_exited_no_reap(pid)?;
-    kill_group(pid);
-    cancel.clear_hook();
-    let status = child.wait()?;
-    Ok(Finished {
-        status,
-        stdout,
-        stderr_tail: stderr,
-    })
+    Ok((stdout, stderr))
 }
 
 /// A child's output pipe.

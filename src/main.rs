@@ -21,8 +21,12 @@ fn main() -> ExitCode {
     init_logging(&cli);
     match commands::dispatch(cli) {
         Ok(code) => code,
+        Err(err) if is_broken_pipe(&err) => {
+            // `litework export | head`: the reader has all it wants.
+            ExitCode::SUCCESS
+        }
         Err(err) => {
-            eprintln!("litework: {err:#}");
+            eprintln!("litework: {}", describe(&err));
             let input = err
                 .chain()
                 .find_map(|e| e.downcast_ref::<litework::Error>())
@@ -30,6 +34,28 @@ fn main() -> ExitCode {
             ExitCode::from(if input { EXIT_INPUT } else { EXIT_FAILURE })
         }
     }
+}
+
+/// The error and its causes, subject first, each cause once: library
+/// errors already quote their source in their own message.
+fn describe(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 fn init_logging(cli: &Cli) {

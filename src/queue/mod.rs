@@ -921,10 +921,7 @@ impl Session {
                 })
             })()
             .map_err(|e| Error::sqlite(&path, e))?;
-            f(item).map_err(|source| Error::InputIo {
-                input: "output".into(),
-                source,
-            })?;
+            f(item).map_err(|source| Error::Output { source })?;
         }
     }
 
