@@ -62,6 +62,9 @@ pub enum Command {
     Init,
     /// Add items from a file or standard input, all in one transaction.
     Add(AddArgs),
+    /// Add the input and process the queue with N supervised worker
+    /// processes, restarting the ones that crash; resumes where it stopped.
+    Run(RunArgs),
     /// Process items: claim, run the command, record, until the queue drains.
     Worker(WorkerArgs),
     /// Show counts by status, rates and the age of the oldest ready item.
@@ -168,12 +171,99 @@ pub struct WorkerArgs {
     #[arg(long, hide = true)]
     pub worker_id: Option<String>,
 
+    /// Started by `litework run`: standard input is the supervisor's
+    /// lifeline, and end-of-file on it means stop now.
+    #[arg(long, hide = true)]
+    pub supervised: bool,
+
     /// The command and its arguments. `{}` is replaced by the payload (as
     /// part of that one argument), `{id}` and `{attempt}` by the item's id
     /// and attempt; without `{}` the payload is appended as the last
     /// argument.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+impl WorkerArgs {
+    /// The options as `litework worker` arguments, for the supervisor to
+    /// pass on (everything but the identity, which it sets per start).
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut opt = |name: &str, value: String| {
+            a.push(format!("--{name}").into());
+            a.push(value.into());
+        };
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        if let Some(c) = self.concurrency {
+            opt("concurrency", c.to_string());
+        }
+        opt("lease", d(self.lease));
+        if let Some(t) = self.timeout {
+            opt("timeout", d(t));
+        }
+        opt("drain-timeout", d(self.drain_timeout));
+        opt("max-output", self.max_output.to_string());
+        opt("backoff-base", d(self.backoff_base));
+        opt("backoff-max", d(self.backoff_max));
+        for code in &self.permanent_exit {
+            opt("permanent-exit", code.to_string());
+        }
+        opt("sweep-interval", d(self.sweep_interval));
+        opt("idle-poll", d(self.idle_poll));
+        for (on, flag) in [
+            (self.follow, "--follow"),
+            (self.stdin, "--stdin"),
+            (self.shell, "--shell"),
+        ] {
+            if on {
+                a.push(flag.into());
+            }
+        }
+        a.push("--".into());
+        a.extend(self.command.iter().cloned());
+        a
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Items to add first, one per line (or as --format says); `-` reads
+    /// standard input. Without it, the queue is processed as it is.
+    #[arg(long, short = 'i')]
+    pub input: Option<PathBuf>,
+
+    /// How the input is split into items.
+    #[arg(long, value_enum, default_value_t = Format::Lines)]
+    pub format: Format,
+
+    /// Do not use payloads as dedupe keys: adding the same input twice
+    /// queues it twice.
+    #[arg(long)]
+    pub no_dedupe: bool,
+
+    /// Attempts before an item ends failed, for items that do not set it.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+
+    /// Worker processes. Default: number of CPUs.
+    #[arg(short = 'w', long)]
+    pub workers: Option<usize>,
+
+    /// Progress on standard error: a bar on a terminal, else a log line
+    /// every 10 s.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressMode {
+    Auto,
+    Bar,
+    Log,
+    None,
 }
 
 #[derive(Debug, Args)]

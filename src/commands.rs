@@ -1,25 +1,33 @@
 //! The verbs, built on the library.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
+use std::path::Path;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base64::Engine;
 
 use litework::exec::{CommandSpec, PayloadMode};
-use litework::input::{Defaults, Records};
-use litework::queue::{self, Backoff, ItemRow, Queue};
+use litework::input::{Defaults, Format, Records};
+use litework::queue::{self, AddReport, Backoff, ItemRow, Queue, StatusReport};
+use litework::supervisor::{Supervisor, SupervisorConfig};
 use litework::worker::{Worker, WorkerConfig};
 
 use crate::cli::{
-    AddArgs, Cli, Command, ExportArgs, ExportFormat, ListArgs, RequeueArgs, RetryArgs, StatusArgs,
-    WorkerArgs,
+    Cli, Command, ExportArgs, ExportFormat, ListArgs, LogFormat, ProgressMode, RequeueArgs,
+    RetryArgs, RunArgs, StatusArgs, WorkerArgs,
 };
 
 /// Some items ended failed.
 const EXIT_ITEMS_FAILED: u8 = 1;
 
+/// Stopped by a signal before the queue drained (128 + SIGINT).
+const EXIT_INTERRUPTED: u8 = 130;
+
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let global = global_args(&cli);
     let opts = |create: bool| queue::Options {
         create,
         durable: cli.durable,
@@ -32,7 +40,24 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("{}: ready", cli.db.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Add(args) => add(&cli.db, args, opts(true)),
+        Command::Add(args) => {
+            let defaults = Defaults {
+                key_from_payload: args.key_from_payload,
+                priority: args.priority,
+                max_attempts: Some(args.max_attempts),
+                delay: args.delay,
+                max_record: args.max_record,
+            };
+            add(
+                &cli.db,
+                args.input.as_deref(),
+                args.format,
+                defaults,
+                opts(true),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(args) => run(&cli.db, global, args, opts(true)),
         Command::Worker(args) => worker(open(false)?, args),
         Command::Status(args) => status(open(false)?, args),
         Command::List(args) => list(open(false)?, args),
@@ -42,15 +67,16 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn add(db: &std::path::Path, args: AddArgs, opts: queue::Options) -> anyhow::Result<ExitCode> {
-    let defaults = Defaults {
-        key_from_payload: args.key_from_payload,
-        priority: args.priority,
-        max_attempts: Some(args.max_attempts),
-        delay: args.delay,
-        max_record: args.max_record,
-    };
-    let (reader, name): (Box<dyn BufRead>, String) = match &args.input {
+/// Adds an input file (or stdin) in one transaction and reports it.
+fn add(
+    db: &Path,
+    input: Option<&Path>,
+    format: Format,
+    defaults: Defaults,
+    opts: queue::Options,
+) -> anyhow::Result<AddReport> {
+    let max_attempts = defaults.max_attempts.unwrap_or(3);
+    let (reader, name): (Box<dyn BufRead>, String) = match input {
         None => (Box::new(std::io::stdin().lock()), "<stdin>".into()),
         Some(p) if p.as_os_str() == "-" => (Box::new(std::io::stdin().lock()), "<stdin>".into()),
         Some(p) => {
@@ -64,7 +90,7 @@ fn add(db: &std::path::Path, args: AddArgs, opts: queue::Options) -> anyhow::Res
             )
         }
     };
-    let mut records = Records::new(reader, name.clone(), args.format, defaults).peekable();
+    let mut records = Records::new(reader, name.clone(), format, defaults).peekable();
     // Look at the first record before touching the database, so that an
     // empty or malformed input does not even create the file.
     match records.peek() {
@@ -77,23 +103,202 @@ fn add(db: &std::path::Path, args: AddArgs, opts: queue::Options) -> anyhow::Res
         Some(Ok(_)) => {}
     }
     let queue = Queue::open_with(db, &opts)?;
-    let report = queue.add(records, args.max_attempts)?;
+    let report = queue.add(records, max_attempts)?;
     eprintln!(
         "{}: added {} items ({} already present)",
         db.display(),
         report.added,
         report.duplicates
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(report)
 }
 
-fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
+/// The options every child `litework` gets before its verb.
+fn global_args(cli: &Cli) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec!["--db".into(), cli.db.clone().into_os_string()];
+    if cli.durable {
+        a.push("--durable".into());
+    }
+    if cli.quiet {
+        a.push("--quiet".into());
+    }
+    for _ in 0..cli.verbose {
+        a.push("--verbose".into());
+    }
+    if cli.log_format == LogFormat::Json {
+        a.extend(["--log-format".into(), "json".into()]);
+    }
+    a
+}
+
+fn run(
+    db: &Path,
+    global: Vec<OsString>,
+    args: RunArgs,
+    opts: queue::Options,
+) -> anyhow::Result<ExitCode> {
+    // Check the command before adding anything.
+    worker_spec(&args.worker)?;
+    if args.input.is_some() {
+        let defaults = Defaults {
+            key_from_payload: !args.no_dedupe,
+            max_attempts: Some(args.max_attempts),
+            ..Defaults::default()
+        };
+        add(
+            db,
+            args.input.as_deref(),
+            args.format,
+            defaults,
+            opts.clone(),
+        )?;
+    }
+    let queue = Queue::open_with(db, &opts)?;
+    let exe = std::env::current_exe().context("finding the litework executable")?;
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if workers == 0 {
+        return Err(litework::Error::Config("--workers must be at least 1".into()).into());
+    }
+    let config = SupervisorConfig {
+        exe,
+        global_args: global,
+        worker_args: args.worker.to_args(),
+        workers,
+        sweep_interval: args.worker.sweep_interval,
+        drain_timeout: args.worker.drain_timeout,
+        restart_backoff: Backoff {
+            base: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        },
+        follow: args.worker.follow,
+    };
+
+    let (tx, stop) = crossbeam_channel::bounded(4);
+    ctrlc::set_handler(move || {
+        let _ = tx.try_send(());
+    })
+    .context("installing the SIGINT/SIGTERM handler")?;
+
+    let mut progress = Progress::new(args.progress);
+    let summary = Supervisor::new(queue, config).run(stop, &mut |s| progress.tick(s))?;
+    progress.finish();
+
+    let s = &summary.status;
+    eprintln!(
+        "litework run: {} done, {} failed, {} pending, {} running; {} items finished in {:.1}s \
+         ({:.1} items/s), {} retries, {} worker restarts",
+        s.done,
+        s.failed,
+        s.pending,
+        s.running,
+        summary.finished,
+        summary.wall_s,
+        summary.finished as f64 / summary.wall_s.max(1e-9),
+        summary.retries,
+        summary.restarts
+    );
+    if s.failed > 0 {
+        eprintln!(
+            "failed items: litework --db {} list --status failed",
+            shell_word(&db.display().to_string())
+        );
+    }
+    Ok(if summary.interrupted {
+        ExitCode::from(EXIT_INTERRUPTED)
+    } else if s.failed > 0 {
+        ExitCode::from(EXIT_ITEMS_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// A word as it would be typed at a shell prompt.
+fn shell_word(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+=:,@".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Progress of a run on standard error.
+enum Progress {
+    Bar(indicatif::ProgressBar),
+    Log { last: Option<Instant> },
+    Off,
+}
+
+impl Progress {
+    fn new(mode: ProgressMode) -> Progress {
+        let terminal = std::io::stderr().is_terminal();
+        match mode {
+            ProgressMode::Bar | ProgressMode::Auto if terminal || mode == ProgressMode::Bar => {
+                let bar = indicatif::ProgressBar::new(0);
+                let style = indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{wide_bar}] {pos}/{len} {per_sec} eta {eta} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+                bar.set_style(style);
+                Progress::Bar(bar)
+            }
+            ProgressMode::None => Progress::Off,
+            _ => Progress::Log { last: None },
+        }
+    }
+
+    fn tick(&mut self, s: &StatusReport) {
+        match self {
+            Progress::Bar(bar) => {
+                bar.set_length(s.total);
+                bar.set_position(s.done + s.failed);
+                bar.set_message(format!(
+                    "done {} failed {} running {}",
+                    s.done, s.failed, s.running
+                ));
+            }
+            Progress::Log { last } => {
+                if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                    *last = Some(Instant::now());
+                    tracing::info!(
+                        done = s.done,
+                        failed = s.failed,
+                        running = s.running,
+                        pending = s.pending,
+                        total = s.total,
+                        rate = format!("{:.1}/s", s.done_per_s + s.failed_per_s),
+                        "progress"
+                    );
+                }
+            }
+            Progress::Off => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Progress::Bar(bar) = self {
+            bar.finish();
+        }
+    }
+}
+
+/// The command runner `args` describe, checked.
+fn worker_spec(args: &WorkerArgs) -> litework::Result<CommandSpec> {
     let mode = match (args.stdin, args.shell) {
         (true, _) => PayloadMode::Stdin,
         (_, true) => PayloadMode::Shell,
         _ => PayloadMode::Argument,
     };
-    let mut spec = CommandSpec::new(args.command, mode)?;
+    let mut spec = CommandSpec::new(args.command.clone(), mode)?;
+    spec.max_output = args.max_output;
+    spec.permanent_exit = args.permanent_exit.clone();
+    Ok(spec)
+}
+
+fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let mut spec = worker_spec(&args)?;
     let config = WorkerConfig {
         id: args.worker_id,
         concurrency: args
@@ -116,8 +321,6 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     if config.lease < std::time::Duration::from_millis(300) {
         return Err(litework::Error::Config("--lease must be at least 300ms".into()).into());
     }
-    spec.max_output = args.max_output;
-    spec.permanent_exit = args.permanent_exit;
     let worker = {
         let id = config
             .id
@@ -137,16 +340,33 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     // The only place a signal handler is installed; the worker itself just
     // listens on a channel. A second signal skips the drain.
     let (tx, stop) = crossbeam_channel::bounded(4);
+    if args.supervised {
+        // The supervisor holds the other end of our stdin; end-of-file means
+        // it is gone, and we must not outlive it: stop now (two signals).
+        let lifeline = tx.clone();
+        std::thread::Builder::new()
+            .name("lifeline".into())
+            .spawn(move || {
+                let mut sink = [0u8; 64];
+                let mut stdin = std::io::stdin().lock();
+                while matches!(std::io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
+                let _ = lifeline.try_send(());
+                let _ = lifeline.try_send(());
+            })
+            .context("starting the lifeline thread")?;
+    }
     ctrlc::set_handler(move || {
         let _ = tx.try_send(());
     })
     .context("installing the SIGINT/SIGTERM handler")?;
 
     let report = worker.run(stop)?;
-    eprintln!(
-        "worker {}: {} done, {} retried, {} failed, {} lost leases, {} released",
-        report.id, report.done, report.retried, report.failed, report.lost, report.released
-    );
+    if !args.supervised {
+        eprintln!(
+            "worker {}: {} done, {} retried, {} failed, {} lost leases, {} released",
+            report.id, report.done, report.retried, report.failed, report.lost, report.released
+        );
+    }
     Ok(if report.failed > 0 {
         ExitCode::from(EXIT_ITEMS_FAILED)
     } else {

@@ -172,6 +172,25 @@ impl CommandSpec {
             // item started, and a Ctrl-C at the terminal reaches the worker
             // (which drains) rather than every item at once.
             .process_group(0);
+        let parent = std::process::id();
+        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork
+        // and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // If the worker dies (kill -9, OOM), the item dies with it
+                // instead of running on unseen while another worker redoes
+                // it. The signal is tied to this executor thread, which
+                // lives until the child has been reaped.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The worker may have died before prctl took effect.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("the worker is gone"));
+                }
+                Ok(())
+            });
+        }
         match &job.key {
             Some(k) => cmd.env("LITEWORK_KEY", k),
             None => cmd.env_remove("LITEWORK_KEY"),

@@ -9,6 +9,9 @@
 //! - [`worker`]: the claim → execute → record loop of one process, with
 //!   its executor threads, heartbeats and graceful drain. Items run
 //!   through a [`worker::Handler`]: a closure, or a command.
+//! - [`supervisor`]: `litework run`, which keeps N worker processes
+//!   going, requeues the leases of the ones that die and sweeps expired
+//!   leases.
 //! - [`exec`]: running one item as a command, without a shell, in its own
 //!   process group.
 //! - [`input`]: parsing what `litework add` reads (lines, JSON Lines,
@@ -39,6 +42,7 @@ pub mod error;
 pub mod exec;
 pub mod input;
 pub mod queue;
+pub mod supervisor;
 pub mod worker;
 
 pub use error::{Error, Result};

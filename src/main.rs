@@ -59,8 +59,12 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 fn init_logging(cli: &Cli) {
+    // Under `litework run` the supervisor reports worker starts and stops;
+    // its workers only add what went wrong.
+    let supervised = matches!(&cli.command, cli::Command::Worker(w) if w.supervised);
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
+        (false, 0) if supervised => "warn",
         (false, 0) => "info",
         (false, 1) => "debug",
         (false, _) => "trace",

@@ -663,9 +663,18 @@ impl Session {
         self.write(|tx| {
             let now = now_ms();
             let mut out = TurnResult::default();
+            let mut finished = 0i64;
             for (job, completion) in &turn.finished {
-                out.recorded
-                    .push((job.id, record_in(tx, job, completion, now)?));
+                let recorded = record_in(tx, job, completion, now)?;
+                let counts = !matches!(completion, Completion::Release);
+                if recorded == Recorded::Recorded && counts {
+                    finished += 1;
+                }
+                out.recorded.push((job.id, recorded));
+            }
+            if finished > 0 {
+                tx.prepare_cached(sql::WORKER_FINISHED)?
+                    .execute(params![worker, finished])?;
             }
             if !turn.extend.is_empty() {
                 let mut extend = tx.prepare_cached(sql::EXTEND)?;
@@ -773,6 +782,29 @@ impl Session {
             tx.execute(sql::WORKER_GONE, params![id, now_ms(), "stopped"])?;
             Ok(())
         })
+    }
+
+    /// Outcomes `worker` recorded (done, retried, failed) over its life;
+    /// 0 for an unknown worker.
+    pub fn worker_finished(&mut self, worker: &str) -> Result<u64> {
+        let path = self.path.clone();
+        let n: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT finished FROM workers WHERE id = ?1")
+            .and_then(|mut s| s.query_row(params![worker], |r| r.get(0)).optional())
+            .map_err(|e| Error::sqlite(&path, e))?;
+        Ok(u64::try_from(n.unwrap_or(0)).unwrap_or(0))
+    }
+
+    /// Failed or lost attempts that ended at or after `since` (ms).
+    pub fn attempts_since(&mut self, since: i64) -> Result<u64> {
+        let path = self.path.clone();
+        let n: i64 = self
+            .conn
+            .prepare_cached("SELECT count(*) FROM attempts WHERE ended_at >= ?1")
+            .and_then(|mut s| s.query_row(params![since], |r| r.get(0)))
+            .map_err(|e| Error::sqlite(&path, e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// Counts by status, rates over the last minute, the age of the head of

@@ -71,6 +71,9 @@ CREATE TABLE workers (
     stopped_at   INTEGER,
     status       TEXT    NOT NULL DEFAULT 'running'
                          CHECK (status IN ('running', 'stopped', 'dead')),
+    -- Outcomes this worker recorded (done, retried, failed): how a
+    -- supervisor tells a crash loop from ordinary crashes.
+    finished     INTEGER NOT NULL DEFAULT 0,
     metrics_addr TEXT
 );
 

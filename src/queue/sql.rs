@@ -149,6 +149,10 @@ VALUES (?1, ?2, ?3, ?4, ?4)";
 pub const WORKER_HEARTBEAT: &str = "
 UPDATE workers SET heartbeat_at = ?2 WHERE id = ?1 AND status = 'running'";
 
+/// ?1 id, ?2 outcomes recorded.
+pub const WORKER_FINISHED: &str = "
+UPDATE workers SET finished = finished + ?2 WHERE id = ?1";
+
 /// ?1 id, ?2 now, ?3 'stopped' or 'dead'.
 pub const WORKER_GONE: &str = "
 UPDATE workers SET status = ?3, stopped_at = ?2 WHERE id = ?1 AND status = 'running'";

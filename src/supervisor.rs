@@ -1,0 +1,363 @@
+//! `litework run`: a thin supervisor over N worker processes.
+//!
+//! The supervisor owns no item state. It starts workers (the `litework`
+//! executable itself), learns about them only from their exit status and
+//! the database, and keeps three promises:
+//!
+//! 1. A worker that dies abnormally has its leases requeued at once, under
+//!    the identity the supervisor gave it, and is restarted with backoff.
+//!    A slot whose worker keeps dying without recording a single outcome
+//!    is crash-looping: its restarts back off further and, if every slot
+//!    is crash-looping, the run stops with an error instead of spinning.
+//! 2. Expired leases are swept every `sweep_interval`: the safety net for
+//!    deaths nobody saw.
+//! 3. Workers do not outlive the supervisor. Each worker's standard input
+//!    is a pipe whose write end only the supervisor holds; when the
+//!    supervisor dies, however it dies, the kernel closes it and the worker
+//!    reads end-of-file, stops its items and releases their leases at
+//!    once. (A parent-death signal would do less: on Linux it fires when
+//!    the *thread* that spawned the child exits, and a worker killed by it
+//!    could not release its leases.)
+//!
+//! Workers run in their own process group, so a Ctrl-C at the terminal
+//! reaches only the supervisor, which forwards one SIGTERM per Ctrl-C:
+//! the first makes workers drain, the second makes them stop now.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use tracing::{error, info, warn};
+
+use crate::error::{Error, Result};
+use crate::queue::{now_ms, Backoff, Queue, StatusReport};
+
+/// Consecutive crashes without a recorded outcome that make a slot
+/// crash-looping.
+pub const CRASH_LOOP: u32 = 5;
+
+/// How the supervisor runs its workers.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// The `litework` executable to start workers from.
+    pub exe: PathBuf,
+    /// Arguments before the `worker` verb (`--db`, logging options).
+    pub global_args: Vec<OsString>,
+    /// Arguments after `worker` (its options, `--`, the command).
+    pub worker_args: Vec<OsString>,
+    /// Worker processes to keep running.
+    pub workers: usize,
+    /// How often to requeue expired leases.
+    pub sweep_interval: Duration,
+    /// After the first stop signal, how long workers get to drain before
+    /// they are told to stop now; they are killed if still there 10 s later.
+    pub drain_timeout: Duration,
+    /// Delay between restarts of a slot that crashed without progress.
+    pub restart_backoff: Backoff,
+    /// Keep running (and restarting workers) when the queue drains.
+    pub follow: bool,
+}
+
+/// What a run did, for the summary.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RunSummary {
+    /// Counts at the end.
+    pub status: StatusReport,
+    /// Items that ended done or failed during this run.
+    pub finished: u64,
+    /// Failed or lost attempts during this run.
+    pub retries: u64,
+    pub restarts: u64,
+    pub wall_s: f64,
+    /// Stopped by a signal before the queue drained.
+    pub interrupted: bool,
+}
+
+enum SlotState {
+    Running {
+        child: Child,
+        /// Held only to be closed: see the module doc, promise 3.
+        _lifeline: Option<ChildStdin>,
+    },
+    Waiting {
+        until: Instant,
+    },
+    Finished,
+}
+
+struct Slot {
+    n: usize,
+    id: String,
+    state: SlotState,
+    /// Crashes in a row without a single recorded outcome.
+    fruitless: u32,
+}
+
+/// The supervisor; see the module doc.
+pub struct Supervisor {
+    queue: Queue,
+    config: SupervisorConfig,
+}
+
+impl Supervisor {
+    pub fn new(queue: Queue, config: SupervisorConfig) -> Supervisor {
+        Supervisor { queue, config }
+    }
+
+    /// Runs workers until the queue drains (or, with `follow`, until
+    /// stopped). `progress` is called about five times a second with the
+    /// queue's counts. The first message on `stop` drains, the second stops
+    /// now.
+    pub fn run(
+        self,
+        stop: Receiver<()>,
+        progress: &mut dyn FnMut(&StatusReport),
+    ) -> Result<RunSummary> {
+        let started = Instant::now();
+        let started_ms = now_ms();
+        let mut session = self.queue.session()?;
+        let before = session.status()?;
+        let mut slots: Vec<Slot> = (0..self.config.workers.max(1))
+            .map(|n| Slot {
+                n,
+                id: String::new(),
+                state: SlotState::Finished,
+                fruitless: 0,
+            })
+            .collect();
+        let mut restarts = 0u64;
+        let mut stops = 0u32;
+        let mut stop_began: Option<Instant> = None;
+        let mut last_sweep = Instant::now();
+        let mut stop = stop;
+        let mut fatal: Option<Error> = None;
+
+        // Leases left by an earlier run that died are expired or about to
+        // be; take back the expired ones before starting.
+        let swept = session.requeue_expired()?;
+        if swept.total() > 0 {
+            info!(
+                pending = swept.pending,
+                failed = swept.failed,
+                "requeued expired leases of an earlier run"
+            );
+        }
+        for slot in &mut slots {
+            self.start(slot)?;
+        }
+
+        loop {
+            // Reap exited workers.
+            for slot in &mut slots {
+                let SlotState::Running { child, .. } = &mut slot.state else {
+                    continue;
+                };
+                let status = match child.try_wait() {
+                    Ok(Some(status)) => status,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        warn!(slot = slot.n, error = %e, "cannot check worker");
+                        continue;
+                    }
+                };
+                let clean = matches!(status.code(), Some(0) | Some(1));
+                if status.code() == Some(2) {
+                    // The worker refused its arguments or the database: every
+                    // restart would do the same.
+                    fatal.get_or_insert(Error::Config(format!(
+                        "worker {} exited with status 2 (its error is above); stopping",
+                        slot.id
+                    )));
+                }
+                if clean {
+                    slot.state = SlotState::Finished;
+                    continue;
+                }
+                // Died: take its leases back before anything else.
+                let moved = session.requeue_worker(&slot.id)?;
+                let finished = session.worker_finished(&slot.id)?;
+                slot.fruitless = if finished > 0 { 0 } else { slot.fruitless + 1 };
+                warn!(
+                    slot = slot.n, worker = %slot.id, status = %status,
+                    requeued = moved.pending, failed = moved.failed,
+                    "worker died; its leases were requeued"
+                );
+                if stop_began.is_some() || fatal.is_some() {
+                    slot.state = SlotState::Finished;
+                    continue;
+                }
+                let delay = if slot.fruitless == 0 {
+                    Duration::ZERO
+                } else {
+                    self.config.restart_backoff.delay(slot.fruitless)
+                };
+                if slot.fruitless >= CRASH_LOOP {
+                    error!(
+                        slot = slot.n, crashes = slot.fruitless, next_in = ?delay,
+                        "worker slot is crash-looping: it keeps dying without finishing an item"
+                    );
+                }
+                slot.state = SlotState::Waiting {
+                    until: Instant::now() + delay,
+                };
+            }
+
+            let status = session.status()?;
+            let open = status.pending + status.running > 0;
+            progress(&status);
+
+            if let Some(e) = fatal.take() {
+                if stop_began.is_none() {
+                    stop_began = Some(Instant::now());
+                    stops = 1;
+                    signal_all(&mut slots, libc::SIGTERM);
+                }
+                fatal = Some(e);
+            }
+
+            // Every slot crash-looping and none running: give up.
+            let all_looping = slots.iter().all(|s| {
+                s.fruitless >= CRASH_LOOP && !matches!(s.state, SlotState::Running { .. })
+            });
+            if all_looping && stop_began.is_none() {
+                return Err(Error::Config(format!(
+                    "every worker crashed {CRASH_LOOP} times in a row without finishing an \
+                     item; see the worker errors above"
+                )));
+            }
+
+            // Restart what is due, if there is anything left to do.
+            if stop_began.is_none() {
+                for slot in &mut slots {
+                    let due = match slot.state {
+                        SlotState::Waiting { until } => Instant::now() >= until,
+                        // A worker that found the queue drained, while items
+                        // came back (a retry after another worker's crash).
+                        SlotState::Finished => open && status.running == 0,
+                        SlotState::Running { .. } => false,
+                    };
+                    if due && (open || self.config.follow) {
+                        self.start(slot)?;
+                        restarts += 1;
+                    } else if due && matches!(slot.state, SlotState::Waiting { .. }) {
+                        slot.state = SlotState::Finished;
+                    }
+                }
+            }
+
+            let running = slots
+                .iter()
+                .any(|s| matches!(s.state, SlotState::Running { .. }));
+            let waiting = slots
+                .iter()
+                .any(|s| matches!(s.state, SlotState::Waiting { .. }));
+            let stopping = stop_began.is_some();
+            if !running && (stopping || (!waiting && (!open || !self.config.follow))) {
+                break;
+            }
+
+            // A stop that takes too long: tell workers to stop now, then kill.
+            if let Some(at) = stop_began {
+                let elapsed = at.elapsed();
+                if stops < 2 && elapsed >= self.config.drain_timeout + Duration::from_secs(2) {
+                    stops = 2;
+                    signal_all(&mut slots, libc::SIGTERM);
+                }
+                if elapsed >= self.config.drain_timeout + Duration::from_secs(12) {
+                    warn!("workers did not stop; killing them");
+                    signal_all(&mut slots, libc::SIGKILL);
+                }
+            }
+
+            if last_sweep.elapsed() >= self.config.sweep_interval {
+                last_sweep = Instant::now();
+                let moved = session.requeue_expired()?;
+                if moved.total() > 0 {
+                    info!(
+                        pending = moved.pending,
+                        failed = moved.failed,
+                        "requeued expired leases"
+                    );
+                }
+            }
+
+            crossbeam_channel::select! {
+                recv(stop) -> msg => match msg {
+                    Ok(()) => {
+                        stops += 1;
+                        if stop_began.is_none() {
+                            stop_began = Some(Instant::now());
+                            info!("stopping: workers drain their running items");
+                        } else {
+                            info!("second stop: workers stop their items now");
+                        }
+                        signal_all(&mut slots, libc::SIGTERM);
+                    }
+                    Err(_) => stop = crossbeam_channel::never(),
+                },
+                default(Duration::from_millis(200)) => {}
+            }
+        }
+
+        if let Some(e) = fatal {
+            return Err(e);
+        }
+        let status = session.status()?;
+        progress(&status);
+        let finished = (status.done + status.failed).saturating_sub(before.done + before.failed);
+        Ok(RunSummary {
+            retries: session.attempts_since(started_ms)?,
+            finished,
+            restarts,
+            wall_s: started.elapsed().as_secs_f64(),
+            interrupted: stop_began.is_some() && status.pending + status.running > 0,
+            status,
+        })
+    }
+
+    /// Starts the worker of `slot` under a fresh identity.
+    fn start(&self, slot: &mut Slot) -> Result<()> {
+        slot.id = format!("{}.{}", crate::worker::new_worker_id(), slot.n);
+        let mut cmd = Command::new(&self.config.exe);
+        cmd.args(&self.config.global_args)
+            .arg("worker")
+            .arg("--worker-id")
+            .arg(&slot.id)
+            .arg("--supervised")
+            .args(&self.config.worker_args)
+            .stdin(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|e| {
+            Error::Config(format!(
+                "cannot start worker {}: {e}",
+                self.config.exe.display()
+            ))
+        })?;
+        let lifeline = child.stdin.take();
+        info!(slot = slot.n, worker = %slot.id, pid = child.id(), "worker started");
+        slot.state = SlotState::Running {
+            child,
+            _lifeline: lifeline,
+        };
+        Ok(())
+    }
+}
+
+use std::os::unix::process::CommandExt;
+
+fn signal_all(slots: &mut [Slot], signal: i32) {
+    for slot in slots {
+        if let SlotState::Running { child, .. } = &mut slot.state {
+            // The child is not reaped until `try_wait` sees it exit, so its
+            // pid cannot have been reused.
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: plain syscall on our own unreaped child.
+                unsafe {
+                    libc::kill(pid, signal);
+                }
+            }
+        }
+    }
+}
