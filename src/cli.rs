@@ -249,6 +249,11 @@ pub struct RunArgs {
     #[arg(short = 'w', long)]
     pub workers: Option<usize>,
 
+    /// First delay before restarting a worker that died without finishing
+    /// an item; doubles (with jitter) while it keeps doing so, up to 30 s.
+    #[arg(long, value_parser = duration, default_value = "500ms")]
+    pub restart_backoff: Duration,
+
     /// Progress on standard error: a bar on a terminal, else a log line
     /// every 10 s.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]

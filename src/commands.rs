@@ -102,8 +102,24 @@ fn add(
         }
         Some(Ok(_)) => {}
     }
+    let existed = db.exists();
     let queue = Queue::open_with(db, &opts)?;
-    let report = queue.add(records, max_attempts)?;
+    let report = match queue.add(records, max_attempts) {
+        Ok(report) => report,
+        Err(e) => {
+            // Nothing was added; a database this add created must not stay
+            // behind either (exit status 2 promises no change).
+            drop(queue);
+            if !existed {
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut path = db.as_os_str().to_owned();
+                    path.push(suffix);
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            return Err(e.into());
+        }
+    };
     eprintln!(
         "{}: added {} items ({} already present)",
         db.display(),
@@ -169,7 +185,7 @@ fn run(
         sweep_interval: args.worker.sweep_interval,
         drain_timeout: args.worker.drain_timeout,
         restart_backoff: Backoff {
-            base: Duration::from_millis(500),
+            base: args.restart_backoff,
             max: Duration::from_secs(30),
         },
         follow: args.worker.follow,

@@ -109,6 +109,13 @@ pub enum Error {
     #[error("no item with id {}", join_ids(.ids))]
     NoSuchItems { ids: Vec<i64> },
 
+    /// Every worker of a run keeps dying without finishing an item.
+    #[error(
+        "every worker crashed {crashes} times in a row without finishing an item; \
+         see the worker errors above"
+    )]
+    CrashLoop { crashes: u32 },
+
     /// A worker or command setting that cannot work.
     #[error("{0}")]
     Config(String),

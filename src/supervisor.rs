@@ -188,10 +188,12 @@ impl Supervisor {
                     slot.state = SlotState::Finished;
                     continue;
                 }
-                let delay = if slot.fruitless == 0 {
+                // A crash after progress, or a first crash, restarts at once;
+                // crashes in a row without progress back off.
+                let delay = if slot.fruitless <= 1 {
                     Duration::ZERO
                 } else {
-                    self.config.restart_backoff.delay(slot.fruitless)
+                    self.config.restart_backoff.delay(slot.fruitless - 1)
                 };
                 if slot.fruitless >= CRASH_LOOP {
                     error!(
@@ -222,10 +224,9 @@ impl Supervisor {
                 s.fruitless >= CRASH_LOOP && !matches!(s.state, SlotState::Running { .. })
             });
             if all_looping && stop_began.is_none() {
-                return Err(Error::Config(format!(
-                    "every worker crashed {CRASH_LOOP} times in a row without finishing an \
-                     item; see the worker errors above"
-                )));
+                return Err(Error::CrashLoop {
+                    crashes: CRASH_LOOP,
+                });
             }
 
             // Restart what is due, if there is anything left to do.
