@@ -59,7 +59,10 @@ pub enum Error {
     Full { path: PathBuf },
 
     /// The file is read-only for this process.
-    #[error("{path}: database is read-only for this user")]
+    #[error(
+        "{path}: database is read-only for this user (litework needs to write the file \
+         and create its -wal and -shm files beside it)"
+    )]
     ReadOnly { path: PathBuf },
 
     /// Any other SQLite failure, with the database it happened on.

@@ -177,10 +177,12 @@ impl CommandSpec {
         // and exec.
         unsafe {
             cmd.pre_exec(move || {
-                // If the worker dies (kill -9, OOM), the item dies with it
-                // instead of running on unseen while another worker redoes
-                // it. The signal is tied to this executor thread, which
-                // lives until the child has been reaped.
+                // If the worker dies (kill -9, OOM), the item's main process
+                // dies with it instead of running on unseen while another
+                // worker redoes it. Processes it started itself are not
+                // reached (nothing is left to kill their group). The signal
+                // is tied to this executor thread, which lives until the
+                // child has been reaped.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -315,7 +317,9 @@ fn pump(
     let mut stderr = Vec::new();
     let mut leader_gone_at: Option<Instant> = None;
 
-    while out.is_some() || err.is_some() {
+    // Also while input is still being fed: a child may close its output
+    // early and go on reading.
+    while out.is_some() || err.is_some() || input.is_some() {
         let mut fds = Vec::with_capacity(4);
         let push = |fds: &mut Vec<libc::pollfd>, fd: RawFd, events: i16| {
             fds.push(libc::pollfd {
@@ -367,7 +371,11 @@ fn pump(
             if let (Some(pipe), Some(data)) = (input.as_mut(), stdin) {
                 match pipe.write(&data[fed..]) {
                     Ok(k) => fed += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                        ) => {}
                     // The child closed its end or exited: it has read all it wants.
                     Err(_) => fed = data.len(),
                 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 use tracing::{debug, info, warn};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::queue::{
     now_ms, Backoff, Completion, FailureKind, Job, Queue, Recorded, Session, Turn, WorkerInfo,
 };
@@ -224,8 +224,12 @@ struct InFlight {
     started: Instant,
 }
 
+/// An executor's report. The lease token is part of the key: after a lost
+/// lease the same item may be claimed again by this very worker, and the
+/// old run's outcome must not land on the new lease.
 struct Finished {
     id: i64,
+    token: i64,
     outcome: Outcome,
 }
 
@@ -266,9 +270,7 @@ impl Worker {
         let executors: Vec<JoinHandle<()>> = (0..k)
             .map(|n| spawn_executor(n, self.handler.clone(), job_rx.clone(), done_tx.clone()))
             .collect::<std::io::Result<_>>()
-            .map_err(|e| {
-                crate::error::Error::Config(format!("cannot start executor threads: {e}"))
-            })?;
+            .map_err(|e| Error::Config(format!("cannot start executor threads: {e}")))?;
         drop(done_tx);
 
         let mut state = Loop {
@@ -294,6 +296,9 @@ impl Worker {
             trouble: None,
         };
         let result = state.run();
+        if result.is_err() {
+            state.bail();
+        }
         let abandoned = !state.in_flight.is_empty();
         let report = state.report.clone();
         drop(state);
@@ -338,13 +343,12 @@ fn spawn_executor(
                             .unwrap_or_else(|| "unknown panic".into());
                         Outcome::Retry(format!("handler panicked: {msg}"))
                     });
-                if done
-                    .send(Finished {
-                        id: job.id,
-                        outcome,
-                    })
-                    .is_err()
-                {
+                let finished = Finished {
+                    id: job.id,
+                    token: job.token,
+                    outcome,
+                };
+                if done.send(finished).is_err() {
                     return;
                 }
             }
@@ -360,7 +364,8 @@ struct Loop<'a> {
     job_rx: Receiver<(Job, Arc<Cancel>)>,
     done_rx: Receiver<Finished>,
     stop: Receiver<()>,
-    in_flight: HashMap<i64, InFlight>,
+    /// Running items by `(id, lease token)`.
+    in_flight: HashMap<(i64, i64), InFlight>,
     /// Outcomes waiting for the next turn.
     finished: Vec<(Job, Completion)>,
     report: WorkerReport,
@@ -383,6 +388,7 @@ struct Trouble {
     logged: Instant,
 }
 
+/// What the last claim that came up short saw.
 struct Idle {
     data_version: i64,
     next_ready_at: Option<i64>,
@@ -396,11 +402,7 @@ impl Loop<'_> {
             }
             self.enforce_deadlines();
 
-            let free = self
-                .cfg
-                .concurrency
-                .max(1)
-                .saturating_sub(self.in_flight.len());
+            let free = self.free_slots();
             let want = if self.stopping.is_none() && free > 0 && self.maybe_ready()? {
                 free
             } else {
@@ -427,11 +429,18 @@ impl Loop<'_> {
                 }
             }
             if self.abandon_due() {
-                self.abandon()?;
+                self.abandon();
                 return Ok(());
             }
             self.wait();
         }
+    }
+
+    fn free_slots(&self) -> usize {
+        self.cfg
+            .concurrency
+            .max(1)
+            .saturating_sub(self.in_flight.len())
     }
 
     /// Whether a claim might find something, without taking the write lock.
@@ -446,11 +455,8 @@ impl Loop<'_> {
     }
 
     fn turn(&mut self, want: usize, beat: bool) -> Result<()> {
-        let extend = if beat {
-            self.in_flight
-                .values()
-                .map(|f| (f.job.id, f.job.token))
-                .collect()
+        let extend: Vec<(i64, i64)> = if beat {
+            self.in_flight.keys().copied().collect()
         } else {
             Vec::new()
         };
@@ -461,55 +467,43 @@ impl Loop<'_> {
             claim: want,
             heartbeat: beat,
         };
-        let kinds: Vec<Kind> = turn.finished.iter().map(|(_, c)| Kind::of(c)).collect();
         let result = match self.session.turn(self.id, self.cfg.lease, &turn) {
             Ok(r) => r,
-            Err(e) if e.is_transient() => {
-                self.finished = turn.finished;
-                self.troubled(&e);
-                return Ok(());
-            }
             Err(e) => {
                 self.finished = turn.finished;
+                if e.is_transient() {
+                    self.troubled(&e);
+                    return Ok(());
+                }
                 return Err(e);
             }
         };
         if let Some(t) = self.trouble.take() {
-            info!(worker = %self.id, failures = t.failures, after = ?t.since.elapsed(), "database writable again");
+            let after = t.since.elapsed();
+            info!(worker = %self.id, failures = t.failures, ?after, "database writable again");
         }
         if beat {
             self.last_heartbeat = Instant::now();
         }
-        for ((id, recorded), kind) in result.recorded.iter().zip(kinds) {
-            match recorded {
-                Recorded::LeaseLost => {
-                    self.report.lost += 1;
-                    warn!(worker = %self.id, item = id, "lease lost before the outcome was recorded; outcome dropped");
-                }
-                Recorded::Recorded => match kind {
-                    Kind::Done => self.report.done += 1,
-                    Kind::Retry => self.report.retried += 1,
-                    Kind::Failed => self.report.failed += 1,
-                    Kind::Release => self.report.released += 1,
-                },
+        for ((job, completion), (_, recorded)) in turn.finished.iter().zip(&result.recorded) {
+            self.count(job, completion, *recorded);
+        }
+        for key in &result.lost {
+            if let Some(f) = self.in_flight.get(key) {
+                let item = key.0;
+                warn!(worker = %self.id, item, "lease lost while running; stopping the item");
+                f.cancel.cancel(CancelReason::LeaseLost);
             }
         }
-        for id in &result.lost {
-            if let Some(f) = self.in_flight.get(id) {
-                warn!(worker = %self.id, item = id, "lease lost while running; stopping the item");
-                f.cancel.cancel(crate::worker::CancelReason::LeaseLost);
-            }
-        }
-        if want > 0 {
-            if result.claimed.len() < want {
-                self.idle = Some(Idle {
-                    data_version: self.session.data_version()?,
-                    next_ready_at: self.session.next_ready_at()?,
-                });
-            } else {
-                self.idle = None;
-                self.poll = MIN_POLL;
-            }
+        if want > 0 && result.claimed.len() < want {
+            // `data_version` first: a commit landing between the two reads
+            // shows up in `next_ready_at`, so it cannot be missed.
+            self.idle = Some(Idle {
+                data_version: self.session.data_version()?,
+                next_ready_at: self.session.next_ready_at()?,
+            });
+        } else if want > 0 {
+            self.idle = None;
         }
         if !result.claimed.is_empty() {
             self.poll = MIN_POLL;
@@ -520,25 +514,46 @@ impl Loop<'_> {
         Ok(())
     }
 
+    /// Counts a recorded outcome. An item this worker sent back to pending
+    /// (a retry, a release) may be ready before anything else commits, so
+    /// the idle state is dropped: the next turn claims and reads it afresh.
+    fn count(&mut self, job: &Job, completion: &Completion, recorded: Recorded) {
+        if recorded == Recorded::LeaseLost {
+            self.report.lost += 1;
+            warn!(worker = %self.id, item = job.id, "lease lost; outcome dropped");
+            return;
+        }
+        match completion {
+            Completion::Done { .. } => self.report.done += 1,
+            Completion::Failed { .. } => self.report.failed += 1,
+            Completion::Retry { .. } => {
+                self.report.retried += 1;
+                self.idle = None;
+            }
+            Completion::Release => {
+                self.report.released += 1;
+                self.idle = None;
+            }
+        }
+    }
+
     fn dispatch(&mut self, job: Job) {
         let cancel = Arc::new(Cancel::default());
         let now = Instant::now();
-        self.in_flight.insert(
-            job.id,
-            InFlight {
-                job: job.clone(),
-                cancel: cancel.clone(),
-                deadline: self.cfg.timeout.map(|t| now + t),
-                started: now,
-            },
-        );
+        let flight = InFlight {
+            job: job.clone(),
+            cancel: cancel.clone(),
+            deadline: self.cfg.timeout.map(|t| now + t),
+            started: now,
+        };
+        self.in_flight.insert((job.id, job.token), flight);
         debug!(worker = %self.id, item = job.id, attempt = job.attempt, "claimed");
         if let Some(tx) = &self.job_tx {
             // The channel holds `concurrency` jobs and we never have more in
             // flight, so this does not block.
             if let Err(e) = tx.send((job, cancel)) {
                 let (job, _) = e.into_inner();
-                self.in_flight.remove(&job.id);
+                self.in_flight.remove(&(job.id, job.token));
                 self.finished.push((job, Completion::Release));
             }
         }
@@ -546,7 +561,7 @@ impl Loop<'_> {
 
     /// Turns an executor's report into the completion to record.
     fn finish(&mut self, f: Finished) {
-        let Some(flight) = self.in_flight.remove(&f.id) else {
+        let Some(flight) = self.in_flight.remove(&(f.id, f.token)) else {
             return;
         };
         let job = flight.job;
@@ -577,14 +592,15 @@ impl Loop<'_> {
                 kind: FailureKind::Permanent,
             },
         };
+        let (item, attempt) = (job.id, job.attempt);
         match &completion {
             Completion::Retry { error, .. } => {
-                warn!(worker = %self.id, item = job.id, attempt = job.attempt, error = %error, "item failed, will retry")
+                warn!(worker = %self.id, item, attempt, %error, "item failed, will retry")
             }
             Completion::Failed { error, .. } => {
-                warn!(worker = %self.id, item = job.id, attempt = job.attempt, error = %error, "item failed")
+                warn!(worker = %self.id, item, attempt, %error, "item failed")
             }
-            _ => debug!(worker = %self.id, item = job.id, ?elapsed, "item finished"),
+            _ => debug!(worker = %self.id, item, ?elapsed, "item finished"),
         }
         self.finished.push((job, completion));
     }
@@ -603,45 +619,68 @@ impl Loop<'_> {
 
     fn cancel_all(&mut self) {
         if !self.in_flight.is_empty() {
-            info!(worker = %self.id, items = self.in_flight.len(), "drain deadline reached; stopping running items");
+            let items = self.in_flight.len();
+            info!(worker = %self.id, items, "stopping running items");
         }
         for f in self.in_flight.values() {
             f.cancel.cancel(CancelReason::Shutdown);
         }
-        self.cancelled_all = Some(Instant::now());
+        self.cancelled_all.get_or_insert_with(Instant::now);
     }
 
     fn begin_stop(&mut self) {
         if self.stopping.is_some() {
-            info!(worker = %self.id, "second stop signal: stopping running items now");
+            info!(worker = %self.id, "second stop signal");
             self.cancel_all();
             return;
         }
-        info!(worker = %self.id, running = self.in_flight.len(), "stopping: no new claims, draining");
+        let running = self.in_flight.len();
+        info!(worker = %self.id, running, "stopping: no new claims, draining");
         self.stopping = Some(Instant::now() + self.cfg.drain_timeout);
         // Jobs claimed but not yet picked up by an executor go back at once.
         while let Ok((job, _)) = self.job_rx.try_recv() {
-            self.in_flight.remove(&job.id);
+            self.in_flight.remove(&(job.id, job.token));
             self.finished.push((job, Completion::Release));
         }
     }
 
     fn abandon_due(&self) -> bool {
-        self.cancelled_all
-            .is_some_and(|at| at.elapsed() >= ABANDON_AFTER)
-            && !self.in_flight.is_empty()
+        let late = self
+            .cancelled_all
+            .is_some_and(|at| at.elapsed() >= ABANDON_AFTER);
+        late && !self.in_flight.is_empty()
     }
 
     /// Releases items whose handler ignored cancellation; their threads are
-    /// left behind and end with the process.
-    fn abandon(&mut self) -> Result<()> {
-        warn!(worker = %self.id, items = self.in_flight.len(), "handlers ignored cancellation; releasing their items");
-        let stuck: Vec<Job> = self.in_flight.values().map(|f| f.job.clone()).collect();
-        for job in stuck {
-            self.finished.push((job, Completion::Release));
+    /// left behind and end with the process. Best effort: if the database
+    /// refuses, the leases expire and a sweep takes them back.
+    fn abandon(&mut self) {
+        let items = self.in_flight.len();
+        warn!(worker = %self.id, items, "handlers ignored cancellation; releasing their items");
+        for f in self.in_flight.values() {
+            self.finished.push((f.job.clone(), Completion::Release));
         }
         self.job_tx = None;
-        self.turn(0, false)
+        let _ = self.turn(0, false);
+        if !self.finished.is_empty() {
+            warn!(worker = %self.id, "could not release the items; their leases will expire");
+        }
+    }
+
+    /// After a database error the loop cannot go on: stop the items, give
+    /// them a moment, and try once to record what finished and release the
+    /// rest, so that nothing waits for a lease to expire.
+    fn bail(&mut self) {
+        self.cancel_all();
+        let until = Instant::now() + ABANDON_AFTER;
+        while !self.in_flight.is_empty() {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.done_rx.recv_timeout(left) {
+                Ok(f) => self.finish(f),
+                Err(_) => break,
+            }
+        }
+        self.abandon();
     }
 
     fn sweep_due(&self) -> bool {
@@ -653,7 +692,8 @@ impl Loop<'_> {
         self.last_sweep = Some(Instant::now());
         match self.session.requeue_expired() {
             Ok(moved) if moved.total() > 0 => {
-                info!(worker = %self.id, pending = moved.pending, failed = moved.failed, "requeued expired leases");
+                let (pending, failed) = (moved.pending, moved.failed);
+                info!(worker = %self.id, pending, failed, "requeued expired leases");
                 self.idle = None;
                 Ok(())
             }
@@ -666,7 +706,7 @@ impl Loop<'_> {
         }
     }
 
-    fn troubled(&mut self, e: &crate::error::Error) {
+    fn troubled(&mut self, e: &Error) {
         let now = Instant::now();
         let t = self.trouble.get_or_insert(Trouble {
             since: now,
@@ -677,18 +717,22 @@ impl Loop<'_> {
         // Logged on the first failure, then at most once a minute.
         if t.failures == 1 || t.logged.elapsed() >= Duration::from_secs(60) {
             t.logged = now;
-            warn!(worker = %self.id, error = %e, failures = t.failures, "database write failed; will retry");
+            let failures = t.failures;
+            warn!(worker = %self.id, error = %e, failures, "database write failed; will retry");
         }
     }
 
     /// Sleeps until an outcome arrives, a stop signal, or the next deadline.
     fn wait(&mut self) {
         let now = Instant::now();
-        let mut until = now + self.cfg.lease / 3;
+        let mut until = self.last_heartbeat + self.cfg.lease / 3;
         let mut consider = |t: Instant| until = until.min(t);
         for f in self.in_flight.values() {
-            if let Some(d) = f.deadline {
-                consider(d);
+            // A cancelled item's deadline has done its work; waiting on it
+            // again would spin until the item returns.
+            match f.deadline {
+                Some(d) if !f.cancel.is_cancelled() => consider(d),
+                _ => {}
             }
         }
         if let Some(d) = self.stopping {
@@ -699,21 +743,22 @@ impl Loop<'_> {
         if let Some(at) = self.cancelled_all {
             consider(at + ABANDON_AFTER);
         }
-        if let Some(at) = self.last_sweep {
-            consider(at + self.cfg.sweep_interval);
-        }
-        let free = self.in_flight.len() < self.cfg.concurrency.max(1);
         if self.trouble.is_some() {
             consider(now + Duration::from_secs(1));
-        } else if self.idle.is_some() && free && self.stopping.is_none() {
-            // Idle: check again soon, backing off to `idle_poll`, jittered so
-            // idle workers do not poll in lockstep.
-            let jittered = self.poll.mul_f64(0.5 + fastrand::f64() / 2.0);
-            consider(now + jittered);
-            self.poll = (self.poll * 2).min(self.cfg.idle_poll.max(MIN_POLL));
-            if let Some(at) = self.idle.as_ref().and_then(|i| i.next_ready_at) {
-                let ms = u64::try_from((at - now_ms()).max(0)).unwrap_or(0);
-                consider(now + Duration::from_millis(ms));
+        } else {
+            if let Some(at) = self.last_sweep {
+                consider(at + self.cfg.sweep_interval);
+            }
+            if self.idle.is_some() && self.free_slots() > 0 && self.stopping.is_none() {
+                // Idle: check again soon, backing off to `idle_poll`,
+                // jittered so idle workers do not poll in lockstep.
+                let jittered = self.poll.mul_f64(0.5 + fastrand::f64() / 2.0);
+                consider(now + jittered);
+                self.poll = (self.poll * 2).min(self.cfg.idle_poll.max(MIN_POLL));
+                if let Some(at) = self.idle.as_ref().and_then(|i| i.next_ready_at) {
+                    let ms = u64::try_from((at - now_ms()).max(0)).unwrap_or(0);
+                    consider(now + Duration::from_millis(ms));
+                }
             }
         }
         let timeout = until.saturating_duration_since(now);
@@ -731,26 +776,6 @@ impl Loop<'_> {
                 }
             }
             default(timeout) => {}
-        }
-    }
-}
-
-/// The kind of a completion, kept to count what a turn recorded.
-#[derive(Clone, Copy)]
-enum Kind {
-    Done,
-    Retry,
-    Failed,
-    Release,
-}
-
-impl Kind {
-    fn of(c: &Completion) -> Kind {
-        match c {
-            Completion::Done { .. } => Kind::Done,
-            Completion::Retry { .. } => Kind::Retry,
-            Completion::Failed { .. } => Kind::Failed,
-            Completion::Release => Kind::Release,
         }
     }
 }

@@ -274,8 +274,8 @@ pub struct Turn {
 pub struct TurnResult {
     /// For each finished job, in order: `(id, what happened)`.
     pub recorded: Vec<(i64, Recorded)>,
-    /// Ids whose lease could not be extended because it was lost.
-    pub lost: Vec<i64>,
+    /// `(id, token)` of the leases that could not be extended: lost.
+    pub lost: Vec<(i64, i64)>,
     /// Newly claimed jobs, in claim order.
     pub claimed: Vec<Job>,
 }
@@ -394,6 +394,9 @@ impl Queue {
                     reason: "is a directory, not a database file".into(),
                 })
             }
+            // SQLite would open a file it cannot write read-only, and create
+            // -wal and -shm files that then lock its owner out; refuse first.
+            Ok(_) if !writable(&path) => return Err(Error::ReadOnly { path }),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !opts.create => {
                 return Err(Error::Missing { path })
@@ -436,7 +439,8 @@ impl Queue {
                 let reason = if application_id != 0 {
                     format!("it belongs to another program: application id {application_id:#x}")
                 } else {
-                    format!("an SQLite database with {tables} other tables and no litework id")
+                    let noun = if tables == 1 { "table" } else { "tables" };
+                    format!("an SQLite database with {tables} {noun} and no litework id")
                 };
                 return Err(Error::NotLitework { path, reason });
             }
@@ -452,7 +456,10 @@ impl Queue {
                 hint: "WAL needs shared memory: a local filesystem and a writable directory",
             });
         }
-        schema::migrate(&mut conn).map_err(|e| Error::sqlite(&path, e))?;
+        // Read-only verbs must not write: migrate only a file that needs it.
+        if identity != schema::Identity::Litework(schema::latest()) {
+            schema::migrate(&mut conn).map_err(|e| Error::sqlite(&path, e))?;
+        }
         drop(conn);
 
         let synchronous = if opts.durable { "FULL" } else { "NORMAL" };
@@ -547,6 +554,23 @@ fn configure(conn: &mut Connection, synchronous: &str) -> rusqlite::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Returns true if and only if this process may write `path` and create
+/// files beside it (WAL needs both).
+fn writable(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    [path, dir].iter().all(|p| {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+            return false;
+        };
+        // SAFETY: access(2) on a NUL-terminated path we own.
+        unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+    })
 }
 
 fn open_error(path: &Path, e: rusqlite::Error) -> Error {
@@ -680,7 +704,7 @@ impl Session {
                 let mut extend = tx.prepare_cached(sql::EXTEND)?;
                 for &(id, token) in &turn.extend {
                     if extend.execute(params![id, token, now + lease_ms])? == 0 {
-                        out.lost.push(id);
+                        out.lost.push((id, token));
                     }
                 }
             }
@@ -752,12 +776,18 @@ impl Session {
     /// Requeues every lease whose expiry has passed: the safety net for
     /// workers that died unseen or stopped heartbeating. A live worker
     /// extends its leases long before they expire, so it loses none here.
+    ///
+    /// A lease is judged against the time this call had to wait for the
+    /// write lock: while another process held it (a large `add`), the
+    /// holders of those leases could not extend them either.
     pub fn requeue_expired(&mut self) -> Result<Requeued> {
+        let asked = std::time::Instant::now();
         self.write(|tx| {
             let now = now_ms();
+            let cutoff = now - ms(asked.elapsed());
             tx.prepare_cached(sql::EXPIRED_HISTORY)?
-                .execute(params![now])?;
-            let moved = count_statuses(tx, sql::EXPIRED, params![now])?;
+                .execute(params![now, cutoff])?;
+            let moved = count_statuses(tx, sql::EXPIRED, params![now, cutoff])?;
             // Rate buckets older than a day are of no use to `status`.
             tx.prepare_cached("DELETE FROM throughput WHERE second < ?1")?
                 .execute(params![now / 1000 - 86_400])?;

@@ -93,13 +93,13 @@ SET status        = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pendi
 WHERE status = 'running' AND lease_owner = ?1
 RETURNING status";
 
-/// ?1 now.
+/// ?1 now, ?2 the expiry cutoff.
 pub const EXPIRED_HISTORY: &str = "
 INSERT INTO attempts (item_id, attempt, worker, started_at, ended_at, outcome, error)
 SELECT id, attempts, lease_owner, started_at, ?1, 'lost',
        'lease of worker ' || lease_owner || ' expired (worker died or stalled)'
 FROM items
-WHERE status = 'running' AND lease_expires < ?1";
+WHERE status = 'running' AND lease_expires < ?2";
 
 pub const EXPIRED: &str = "
 UPDATE items
@@ -111,7 +111,7 @@ SET status        = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pendi
     lease_owner   = NULL,
     lease_expires = NULL,
     finished_at   = CASE WHEN attempts >= max_attempts THEN ?1 END
-WHERE status = 'running' AND lease_expires < ?1
+WHERE status = 'running' AND lease_expires < ?2
 RETURNING status";
 
 /// ?1 payload, ?2 key, ?3 priority, ?4 max attempts, ?5 run_after, ?6 now.
