@@ -77,6 +77,10 @@ pub enum Command {
     RequeueStale(RequeueArgs),
     /// Write items and their results as JSON Lines or CSV.
     Export(ExportArgs),
+    /// Internal: started by each worker to kill its items' process groups
+    /// if the worker dies.
+    #[command(hide = true)]
+    KeepGroups,
 }
 
 #[derive(Debug, Args)]

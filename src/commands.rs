@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use base64::Engine;
 
-use litework::exec::{CommandSpec, PayloadMode};
+use litework::exec::{CommandSpec, Keeper, PayloadMode};
 use litework::input::{Defaults, Format, Records};
 use litework::queue::{self, AddReport, Backoff, ItemRow, Queue, StatusReport};
 use litework::supervisor::{Supervisor, SupervisorConfig};
@@ -64,6 +64,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Retry(args) => retry(open(false)?, args),
         Command::RequeueStale(args) => requeue(open(false)?, args),
         Command::Export(args) => export(open(false)?, args),
+        Command::KeepGroups => {
+            litework::exec::keep_groups(std::io::stdin().lock());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -315,6 +319,8 @@ fn worker_spec(args: &WorkerArgs) -> litework::Result<CommandSpec> {
 
 fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let mut spec = worker_spec(&args)?;
+    let exe = std::env::current_exe().context("finding the litework executable")?;
+    spec.keeper = Some(std::sync::Arc::new(Keeper::start(&exe)?));
     let config = WorkerConfig {
         id: args.worker_id,
         concurrency: args

@@ -21,6 +21,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -61,6 +62,8 @@ pub struct CommandSpec {
     pub permanent_exit: Vec<i32>,
     /// Exported to the child as `LITEWORK_WORKER_ID`.
     pub worker_id: String,
+    /// Kills the items' process groups if the worker dies; see [`Keeper`].
+    pub keeper: Option<Arc<Keeper>>,
 }
 
 impl CommandSpec {
@@ -104,6 +107,7 @@ impl CommandSpec {
             max_error: 4096,
             permanent_exit: Vec::new(),
             worker_id: String::new(),
+            keeper: None,
         })
     }
 
@@ -215,7 +219,15 @@ impl CommandSpec {
         } else {
             None
         };
-        match wait_child(child, stdin, self.max_output, self.max_error, cancel) {
+        let group = u32::try_from(child.id()).unwrap_or(0);
+        if let Some(k) = &self.keeper {
+            k.watch(group);
+        }
+        let finished = wait_child(child, stdin, self.max_output, self.max_error, cancel);
+        if let Some(k) = &self.keeper {
+            k.forget(group);
+        }
+        match finished {
             Ok(finished) => self.outcome(finished),
             Err(e) => Outcome::Retry(format!("waiting for {:?}: {e}", self.program)),
         }
@@ -533,6 +545,88 @@ fn join_words(words: &[OsString]) -> OsString {
     OsString::from_vec(script)
 }
 
+/// A small process that kills the process groups of running items if the
+/// worker dies without doing it (kill -9, OOM).
+///
+/// The parent-death signal set on each item reaches only its main process;
+/// anything that process started in the background would run on unseen
+/// while another worker redoes the item. The keeper is `litework
+/// keep-groups`, started by the worker with a pipe on its standard input:
+/// the worker writes `+PGID` when an item starts and `-PGID` once it has
+/// been reaped. When the pipe closes, however the worker ended, the keeper
+/// kills every group still listed, then exits.
+pub struct Keeper {
+    pipe: Mutex<std::process::ChildStdin>,
+    _child: std::process::Child,
+}
+
+impl std::fmt::Debug for Keeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keeper").finish_non_exhaustive()
+    }
+}
+
+impl Keeper {
+    /// Starts `exe keep-groups`, in a process group of its own so that a
+    /// Ctrl-C at the terminal does not end it before it is needed.
+    pub fn start(exe: &Path) -> Result<Keeper> {
+        let mut child = std::process::Command::new(exe)
+            .arg("keep-groups")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| {
+                Error::Config(format!("cannot start {} keep-groups: {e}", exe.display()))
+            })?;
+        let pipe = child
+            .stdin
+            .take()
+            .ok_or_else(|| Error::Config("keep-groups: no pipe to its standard input".into()))?;
+        Ok(Keeper {
+            pipe: Mutex::new(pipe),
+            _child: child,
+        })
+    }
+
+    fn send(&self, line: String) {
+        let mut pipe = self.pipe.lock().unwrap_or_else(|p| p.into_inner());
+        // A keeper that is gone cannot be helped; the items still run.
+        let _ = pipe.write_all(line.as_bytes());
+    }
+
+    fn watch(&self, pgid: u32) {
+        self.send(format!("+{pgid}\n"));
+    }
+
+    fn forget(&self, pgid: u32) {
+        self.send(format!("-{pgid}\n"));
+    }
+}
+
+/// The keeper's side: reads `+PGID` / `-PGID` lines until end of input,
+/// then kills every group still listed. Returns how many it killed.
+pub fn keep_groups(input: impl std::io::BufRead) -> usize {
+    let mut groups = std::collections::HashSet::new();
+    for line in input.lines() {
+        let Ok(line) = line else { break };
+        let (sign, number) = line.split_at(line.len().min(1));
+        match (sign, number.parse::<i32>()) {
+            ("+", Ok(g)) if g > 1 => {
+                groups.insert(g);
+            }
+            ("-", Ok(g)) => {
+                groups.remove(&g);
+            }
+            _ => {}
+        }
+    }
+    for &g in &groups {
+        kill_group(g);
+    }
+    groups.len()
+}
+
 /// Finds `program` the way `execvp` will, so that a typo is an error at
 /// start-up rather than a failure of every item.
 pub fn resolve_program(program: &OsStr) -> Result<PathBuf> {
@@ -570,6 +664,33 @@ mod tests {
     fn shell_script_with_braces_is_refused() {
         let err = CommandSpec::new(vec!["echo {}".into()], PayloadMode::Shell).unwrap_err();
         assert!(err.to_string().contains("\"$1\""), "{err}");
+    }
+
+    #[test]
+    fn keeper_kills_the_groups_still_listed_at_end_of_input() {
+        let spawn = || {
+            std::process::Command::new("sleep")
+                .arg("1000")
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        };
+        let (mut listed, mut forgotten) = (spawn(), spawn());
+        let input = format!(
+            "+{a}\n+{b}\n-{b}\nnoise\n+1\n",
+            a = listed.id(),
+            b = forgotten.id()
+        );
+        assert_eq!(keep_groups(input.as_bytes()), 1);
+        let status = listed.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert_eq!(
+            forgotten.try_wait().unwrap(),
+            None,
+            "a forgotten group is left alone"
+        );
+        forgotten.kill().unwrap();
+        forgotten.wait().unwrap();
     }
 
     #[test]
