@@ -219,7 +219,7 @@ impl CommandSpec {
         } else {
             None
         };
-        let group = u32::try_from(child.id()).unwrap_or(0);
+        let group = child.id();
         if let Some(k) = &self.keeper {
             k.watch(group);
         }
