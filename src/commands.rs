@@ -11,7 +11,7 @@ use base64::Engine;
 
 use litework::exec::{CommandSpec, Keeper, PayloadMode};
 use litework::input::{Defaults, Format, Records};
-use litework::queue::{self, AddReport, Backoff, ItemRow, Queue, StatusReport};
+use litework::queue::{self, AddReport, Backoff, ItemRow, NewItem, Queue, StatusReport};
 use litework::supervisor::{Supervisor, SupervisorConfig};
 use litework::worker::{Worker, WorkerConfig};
 
@@ -106,31 +106,54 @@ fn add(
         }
         Some(Ok(_)) => {}
     }
-    let existed = db.exists();
-    let queue = Queue::open_with(db, &opts)?;
-    let report = match queue.add(records, max_attempts) {
-        Ok(report) => report,
-        Err(e) => {
-            // Nothing was added; a database this add created must not stay
-            // behind either (exit status 2 promises no change).
-            drop(queue);
-            if !existed {
-                for suffix in ["", "-wal", "-shm"] {
-                    let mut path = db.as_os_str().to_owned();
-                    path.push(suffix);
-                    let _ = std::fs::remove_file(path);
-                }
-            }
-            return Err(e.into());
-        }
+    let report = if db.exists() {
+        Queue::open_with(db, &opts)?.add(records, max_attempts)?
+    } else {
+        add_to_new(db, records, max_attempts, &opts)?
     };
+    let noun = if report.added == 1 { "item" } else { "items" };
     eprintln!(
-        "{}: added {} items ({} already present)",
+        "{}: added {} {noun} ({} already present)",
         db.display(),
         report.added,
         report.duplicates
     );
     Ok(report)
+}
+
+/// Adds to a database that does not exist yet without ever showing a
+/// half-made or empty one: the items go into a new file beside `db`, which
+/// takes the name `db` only once the whole input was added. If another
+/// process created `db` in the meantime, the items are moved into it
+/// instead. A refused input leaves nothing behind, and no file another
+/// process may have open is ever removed.
+fn add_to_new(
+    db: &Path,
+    records: impl Iterator<Item = litework::Result<NewItem>>,
+    max_attempts: u32,
+    opts: &queue::Options,
+) -> anyhow::Result<AddReport> {
+    let mut name = db.file_name().unwrap_or(db.as_os_str()).to_owned();
+    name.push(format!(
+        ".adding-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let staging = db.with_file_name(name);
+    // The staging file is written through one plain connection, closed and
+    // out of WAL mode before it is linked: SQLite finds -wal and -shm files
+    // by name but shares locks by inode, so no connection to it may stay.
+    let report = Queue::stage(&staging, records, max_attempts)?;
+    // link(2) fails if `db` exists: the rename that cannot replace.
+    let result = match std::fs::hard_link(&staging, db) {
+        Ok(()) => Ok(report),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Queue::open_with(db, opts)
+            .and_then(|q| q.take_items_from(&staging))
+            .map_err(Into::into),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("{}: cannot create", db.display()))),
+    };
+    queue::remove_files(&staging);
+    result
 }
 
 /// The options every child `litework` gets before its verb.
@@ -513,21 +536,26 @@ fn export(queue: Queue, args: ExportArgs) -> anyhow::Result<ExitCode> {
         })?,
         ExportFormat::Csv => {
             let mut w = csv::Writer::from_writer(&mut out);
-            w.write_record([
-                "id", "key", "status", "attempts", "payload", "result", "error",
-            ])?;
+            w.write_record(CSV_COLUMNS)?;
             session.each_item(args.status, None, |row| {
-                let text = |b: &[u8]| match std::str::from_utf8(b) {
-                    Ok(s) => s.to_string(),
-                    Err(_) => format!("base64:{}", b64(b)),
+                // Text goes in the plain column; bytes that are not UTF-8 in
+                // the `_base64` one, so the two can never be confused.
+                let split = |b: Option<&[u8]>| match b.map(std::str::from_utf8) {
+                    None => (String::new(), String::new()),
+                    Some(Ok(s)) => (s.to_string(), String::new()),
+                    Some(Err(_)) => (String::new(), b.map(b64).unwrap_or_default()),
                 };
+                let (payload, payload_b64) = split(Some(&row.payload));
+                let (result, result_b64) = split(row.result.as_deref());
                 w.write_record([
                     row.id.to_string(),
                     row.key.clone().unwrap_or_default(),
                     row.status.clone(),
                     row.attempts.to_string(),
-                    text(&row.payload),
-                    row.result.as_deref().map(text).unwrap_or_default(),
+                    payload,
+                    payload_b64,
+                    result,
+                    result_b64,
                     row.last_error.clone().unwrap_or_default(),
                 ])
                 .map_err(std::io::Error::other)
@@ -538,6 +566,18 @@ fn export(queue: Queue, args: ExportArgs) -> anyhow::Result<ExitCode> {
     out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
+
+const CSV_COLUMNS: [&str; 9] = [
+    "id",
+    "key",
+    "status",
+    "attempts",
+    "payload",
+    "payload_base64",
+    "result",
+    "result_base64",
+    "error",
+];
 
 fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)

@@ -112,6 +112,13 @@ pub enum Error {
     #[error("no item with id {}", join_ids(.ids))]
     NoSuchItems { ids: Vec<i64> },
 
+    /// A worker told to stop twice while the database refused writes.
+    #[error(
+        "stopped while the database refused writes ({cause}); {outcomes} outcomes were \
+         not recorded and those items' leases will expire"
+    )]
+    Unrecorded { outcomes: usize, cause: String },
+
     /// Every worker of a run keeps dying without finishing an item.
     #[error(
         "every worker crashed {crashes} times in a row without finishing an item; \

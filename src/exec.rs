@@ -210,7 +210,13 @@ impl CommandSpec {
         let child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {
-                return Outcome::Fail(format!("cannot start {:?}: {e}", self.program))
+                return Outcome::Fail(format!(
+                    "cannot start {:?}: the arguments and environment are too long for \
+                     the kernel (one argument may have at most {} bytes); use --stdin to \
+                     pass the payload on standard input",
+                    self.program,
+                    MAX_ARG_BYTES - 1
+                ))
             }
             Err(e) => return Outcome::Retry(format!("cannot start {:?}: {e}", self.program)),
         };

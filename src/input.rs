@@ -123,10 +123,10 @@ impl<R: BufRead> Records<R> {
             if self.buf.is_empty() {
                 continue;
             }
-            let item = match self.format {
-                Format::Nul => NewItem::new(self.buf.clone()),
+            let (item, has_priority) = match self.format {
+                Format::Nul => (NewItem::new(self.buf.clone()), false),
                 Format::Lines => match std::str::from_utf8(&self.buf) {
-                    Ok(s) => NewItem::new(s.as_bytes().to_vec()),
+                    Ok(s) => (NewItem::new(s.as_bytes().to_vec()), false),
                     Err(e) => {
                         let at = e.valid_up_to();
                         return Err(self.error(format!(
@@ -140,15 +140,13 @@ impl<R: BufRead> Records<R> {
                     parsed.map_err(|reason| self.error(reason))?
                 }
             };
-            return Ok(Some(self.apply_defaults(item)));
+            return Ok(Some(self.apply_defaults(item, has_priority)));
         }
     }
 
-    fn apply_defaults(&self, mut item: NewItem) -> NewItem {
-        if item.key.is_none() && self.defaults.key_from_payload {
-            item.key = Some(key_of(&item.payload));
-        }
-        if item.priority == 0 {
+    fn apply_defaults(&self, mut item: NewItem, has_priority: bool) -> NewItem {
+        item.key_from_payload = self.defaults.key_from_payload;
+        if !has_priority {
             item.priority = self.defaults.priority;
         }
         item.max_attempts = item.max_attempts.or(self.defaults.max_attempts);
@@ -168,25 +166,15 @@ impl<R: BufRead> Iterator for Records<R> {
     }
 }
 
-/// The dedupe key made from a payload: the payload itself when it is
-/// UTF-8, else `base64:` and its base64.
-pub fn key_of(payload: &[u8]) -> String {
-    match std::str::from_utf8(payload) {
-        Ok(s) => s.to_string(),
-        Err(_) => format!(
-            "base64:{}",
-            base64::engine::general_purpose::STANDARD.encode(payload)
-        ),
-    }
-}
-
-fn parse_json(line: &[u8]) -> std::result::Result<NewItem, String> {
+/// One JSON Lines record, and whether it set its own priority.
+fn parse_json(line: &[u8]) -> std::result::Result<(NewItem, bool), String> {
     let value: Value = serde_json::from_slice(line).map_err(|e| format!("invalid JSON: {e}"))?;
     let Value::Object(map) = value else {
         return Err("expected a JSON object with a \"payload\" field".into());
     };
     let mut item = NewItem::new(Vec::new());
     let mut payload = None;
+    let mut has_priority = false;
     for (field, v) in map {
         match field.as_str() {
             "payload" => {
@@ -216,6 +204,7 @@ fn parse_json(line: &[u8]) -> std::result::Result<NewItem, String> {
             },
             "priority" => {
                 item.priority = v.as_i64().ok_or("\"priority\" must be an integer")?;
+                has_priority = true;
             }
             "max_attempts" => {
                 let n = v
@@ -244,7 +233,7 @@ fn parse_json(line: &[u8]) -> std::result::Result<NewItem, String> {
         }
     }
     item.payload = payload.ok_or("missing \"payload\" (or \"payload_base64\") field")?;
-    Ok(item)
+    Ok((item, has_priority))
 }
 
 enum ReadError {

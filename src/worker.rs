@@ -294,6 +294,7 @@ impl Worker {
             last_heartbeat: Instant::now(),
             last_sweep: None,
             trouble: None,
+            forced: false,
         };
         let result = state.run();
         if result.is_err() {
@@ -380,12 +381,15 @@ struct Loop<'a> {
     last_sweep: Option<Instant>,
     /// A transient database error being waited out.
     trouble: Option<Trouble>,
+    /// A second stop signal arrived.
+    forced: bool,
 }
 
 struct Trouble {
     since: Instant,
     failures: u64,
     logged: Instant,
+    last: String,
 }
 
 /// What the last claim that came up short saw.
@@ -416,6 +420,14 @@ impl Loop<'_> {
                 self.sweep()?;
             }
 
+            // Told twice to stop while the database refuses writes: waiting
+            // for it could take forever.
+            if let (true, Some(t)) = (self.forced, &self.trouble) {
+                return Err(Error::Unrecorded {
+                    outcomes: self.finished.len() + self.in_flight.len(),
+                    cause: t.last.clone(),
+                });
+            }
             if self.in_flight.is_empty() && self.finished.is_empty() {
                 if self.stopping.is_some() {
                     return Ok(());
@@ -630,6 +642,7 @@ impl Loop<'_> {
 
     fn begin_stop(&mut self) {
         if self.stopping.is_some() {
+            self.forced = true;
             info!(worker = %self.id, "second stop signal");
             self.cancel_all();
             return;
@@ -712,8 +725,10 @@ impl Loop<'_> {
             since: now,
             failures: 0,
             logged: now,
+            last: String::new(),
         });
         t.failures += 1;
+        t.last = e.to_string();
         // Logged on the first failure, then at most once a minute.
         if t.failures == 1 || t.logged.elapsed() >= Duration::from_secs(60) {
             t.logged = now;

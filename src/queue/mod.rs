@@ -118,6 +118,11 @@ pub struct NewItem {
     pub payload: Vec<u8>,
     /// Adding an item whose key is already in the queue does nothing.
     pub key: Option<String>,
+    /// Without a `key`, use the payload's own bytes as the key. Such keys
+    /// are stored as text when the payload is UTF-8 and as a blob
+    /// otherwise, and SQLite never finds a blob equal to a text, so a
+    /// binary payload cannot collide with a text one.
+    pub key_from_payload: bool,
     /// Higher runs first; ties run in the order added.
     pub priority: i64,
     /// Attempts before the item ends `failed`; `None` takes the default.
@@ -131,6 +136,7 @@ impl NewItem {
         NewItem {
             payload: payload.into(),
             key: None,
+            key_from_payload: false,
             priority: 0,
             max_attempts: None,
             delay: None,
@@ -380,87 +386,7 @@ impl Queue {
     /// newer litework is refused and left exactly as it was.
     pub fn open_with(path: impl AsRef<Path>, opts: &Options) -> Result<Queue> {
         let path = path.as_ref().to_path_buf();
-        if rusqlite::version_number() < MIN_SQLITE {
-            return Err(Error::OldSqlite {
-                found: rusqlite::version().to_string(),
-                needed: "3.35.0",
-            });
-        }
-        busy::set_limit(opts.busy_timeout);
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_dir() => {
-                return Err(Error::BadPath {
-                    path,
-                    reason: "is a directory, not a database file".into(),
-                })
-            }
-            // SQLite would open a file it cannot write read-only, and create
-            // -wal and -shm files that then lock its owner out; refuse first.
-            Ok(_) if !writable(&path) => return Err(Error::ReadOnly { path }),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !opts.create => {
-                return Err(Error::Missing { path })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(Error::BadPath {
-                    path,
-                    reason: e.to_string(),
-                })
-            }
-        }
-
-        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        if opts.create {
-            flags |= OpenFlags::SQLITE_OPEN_CREATE;
-        }
-        let mut conn =
-            Connection::open_with_flags(&path, flags).map_err(|e| open_error(&path, e))?;
-        conn.busy_handler(Some(busy::handler))
-            .map_err(|e| Error::sqlite(&path, e))?;
-
-        // Identify first: setting WAL writes the header, so it must not
-        // happen to a file that is not ours.
-        let identity = schema::identify(&conn).map_err(|e| Error::sqlite(&path, e))?;
-        match identity {
-            schema::Identity::Empty => {}
-            schema::Identity::Litework(v) if v > schema::latest() => {
-                return Err(Error::NewerSchema {
-                    path,
-                    found: v,
-                    known: schema::latest(),
-                })
-            }
-            schema::Identity::Litework(_) => {}
-            schema::Identity::Foreign {
-                application_id,
-                tables,
-            } => {
-                let reason = if application_id != 0 {
-                    format!("it belongs to another program: application id {application_id:#x}")
-                } else {
-                    let noun = if tables == 1 { "table" } else { "tables" };
-                    format!("an SQLite database with {tables} {noun} and no litework id")
-                };
-                return Err(Error::NotLitework { path, reason });
-            }
-        }
-
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(|e| Error::sqlite(&path, e))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(Error::NotWal {
-                path,
-                mode,
-                hint: "WAL needs shared memory: a local filesystem and a writable directory",
-            });
-        }
-        // Read-only verbs must not write: migrate only a file that needs it.
-        if identity != schema::Identity::Litework(schema::latest()) {
-            schema::migrate(&mut conn).map_err(|e| Error::sqlite(&path, e))?;
-        }
-        drop(conn);
+        drop(prepare(&path, opts)?);
 
         let synchronous = if opts.durable { "FULL" } else { "NORMAL" };
         let manager = SqliteConnectionManager::file(&path)
@@ -470,6 +396,7 @@ impl Queue {
             .max_size(opts.pool_size.max(1))
             .min_idle(Some(1))
             .connection_timeout(opts.busy_timeout)
+            .error_handler(Box::new(PoolErrors))
             .build(manager)
             .map_err(|source| Error::Pool {
                 path: path.clone(),
@@ -478,6 +405,127 @@ impl Queue {
         Ok(Queue { pool, path })
     }
 
+    /// Writes `items` to a new queue file at `path`, which must not exist,
+    /// through one plain connection that is closed (and the file switched
+    /// out of WAL mode, so it is whole by itself) before this returns: the
+    /// file can then be linked to another name safely. If any item is an
+    /// error, the file is removed and the error returned.
+    pub fn stage<I>(path: &Path, items: I, default_max_attempts: u32) -> Result<AddReport>
+    where
+        I: IntoIterator<Item = Result<NewItem>>,
+    {
+        let opts = Options {
+            create: true,
+            ..Options::default()
+        };
+        let result = prepare(path, &opts).and_then(|mut conn| {
+            configure(&mut conn, "NORMAL").map_err(|e| Error::sqlite(path, e))?;
+            let report = add_in(&mut conn, path, items, default_max_attempts)?;
+            conn.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(()))
+                .map_err(|e| Error::sqlite(path, e))?;
+            Ok(report)
+        });
+        if result.is_err() {
+            remove_files(path);
+        }
+        result
+    }
+}
+
+/// Checks and sets up the file at `path` with one plain connection: the
+/// SQLite version, the path, the file's identity (before anything is
+/// written), WAL mode, and the schema.
+fn prepare(path: &Path, opts: &Options) -> Result<Connection> {
+    let path = path.to_path_buf();
+    if rusqlite::version_number() < MIN_SQLITE {
+        return Err(Error::OldSqlite {
+            found: rusqlite::version().to_string(),
+            needed: "3.35.0",
+        });
+    }
+    busy::set_limit(opts.busy_timeout);
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_dir() => {
+            return Err(Error::BadPath {
+                path,
+                reason: "is a directory, not a database file".into(),
+            })
+        }
+        // SQLite would open a file it cannot write read-only, and create
+        // -wal and -shm files that then lock its owner out; refuse first.
+        Ok(_) if !writable(&path) => return Err(Error::ReadOnly { path }),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !opts.create => {
+            return Err(Error::Missing { path })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::BadPath {
+                path,
+                reason: e.to_string(),
+            })
+        }
+    }
+
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if opts.create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let mut conn = Connection::open_with_flags(&path, flags).map_err(|e| open_error(&path, e))?;
+    conn.busy_handler(Some(busy::handler))
+        .map_err(|e| Error::sqlite(&path, e))?;
+
+    // Identify first: setting WAL writes the header, so it must not
+    // happen to a file that is not ours.
+    let identity = schema::identify(&conn).map_err(|e| Error::sqlite(&path, e))?;
+    match identity {
+        schema::Identity::Empty if !opts.create => {
+            return Err(Error::NotLitework {
+                path,
+                reason: "the file is empty; `litework init` sets it up".into(),
+            })
+        }
+        schema::Identity::Empty => {}
+        schema::Identity::Litework(v) if v > schema::latest() => {
+            return Err(Error::NewerSchema {
+                path,
+                found: v,
+                known: schema::latest(),
+            })
+        }
+        schema::Identity::Litework(_) => {}
+        schema::Identity::Foreign {
+            application_id,
+            tables,
+        } => {
+            let reason = if application_id != 0 {
+                format!("it belongs to another program: application id {application_id:#x}")
+            } else {
+                let noun = if tables == 1 { "table" } else { "tables" };
+                format!("an SQLite database with {tables} {noun} and no litework id")
+            };
+            return Err(Error::NotLitework { path, reason });
+        }
+    }
+
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(|e| Error::sqlite(&path, e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::NotWal {
+            path,
+            mode,
+            hint: "WAL needs shared memory: a local filesystem and a writable directory",
+        });
+    }
+    // Read-only verbs must not write: migrate only a file that needs it.
+    if identity != schema::Identity::Litework(schema::latest()) {
+        schema::migrate(&mut conn).map_err(|e| Error::sqlite(&path, e))?;
+    }
+    Ok(conn)
+}
+
+impl Queue {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -530,6 +578,44 @@ impl Queue {
     /// Counts and rates; see [`Session::status`].
     pub fn status(&self) -> Result<StatusReport> {
         self.session()?.status()
+    }
+
+    /// Adds the pending items of another queue file (a staging file written
+    /// by this process), keys deduplicated as by [`Session::add`], in one
+    /// transaction.
+    pub fn take_items_from(&self, other: &Path) -> Result<AddReport> {
+        let mut s = self.session()?;
+        let path = self.path.clone();
+        let other = other.to_string_lossy().into_owned();
+        s.conn
+            .execute("ATTACH DATABASE ?1 AS incoming", params![other])
+            .map_err(|e| Error::sqlite(&path, e))?;
+        let moved = s.write(|tx| {
+            let total: i64 =
+                tx.query_row("SELECT count(*) FROM incoming.items", [], |r| r.get(0))?;
+            let added = tx.execute(sql::TAKE_ITEMS, [])?;
+            Ok(AddReport {
+                added: added as u64,
+                duplicates: u64::try_from(total)
+                    .unwrap_or(0)
+                    .saturating_sub(added as u64),
+            })
+        });
+        let detached = s.conn.execute("DETACH DATABASE incoming", []);
+        let moved = moved?;
+        detached.map_err(|e| Error::sqlite(&path, e))?;
+        Ok(moved)
+    }
+}
+
+/// The pool's background errors go to the debug log: whoever needs a
+/// connection gets the error itself from [`Queue::session`].
+#[derive(Debug)]
+struct PoolErrors;
+
+impl r2d2::HandleError<rusqlite::Error> for PoolErrors {
+    fn handle_error(&self, error: rusqlite::Error) {
+        tracing::debug!(%error, "connection pool could not open a connection");
     }
 }
 
@@ -604,6 +690,29 @@ fn payload_value(bytes: &[u8]) -> rusqlite::types::ToSqlOutput<'_> {
     }
 }
 
+/// The key to store for `item`: its own, its payload's bytes, or none.
+fn item_key(item: &NewItem) -> rusqlite::types::ToSqlOutput<'_> {
+    use rusqlite::types::{ToSqlOutput, ValueRef};
+    match &item.key {
+        Some(k) => ToSqlOutput::Borrowed(ValueRef::Text(k.as_bytes())),
+        None if item.key_from_payload => payload_value(&item.payload),
+        None => ToSqlOutput::Borrowed(ValueRef::Null),
+    }
+}
+
+/// A key as text: a blob key (made from a binary payload) as `base64:…`.
+fn key_text(v: ValueRef<'_>) -> Option<String> {
+    use base64::Engine;
+    match v {
+        ValueRef::Null => None,
+        ValueRef::Blob(b) => Some(format!(
+            "base64:{}",
+            base64::engine::general_purpose::STANDARD.encode(b)
+        )),
+        other => Some(String::from_utf8_lossy(&bytes(other)).into_owned()),
+    }
+}
+
 fn to_u32(v: i64) -> u32 {
     u32::try_from(v.max(0)).unwrap_or(u32::MAX)
 }
@@ -639,41 +748,7 @@ impl Session {
     where
         I: IntoIterator<Item = Result<NewItem>>,
     {
-        let path = self.path.clone();
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| Error::sqlite(&path, e))?;
-        let mut report = AddReport::default();
-        {
-            let mut insert = tx
-                .prepare_cached(sql::INSERT)
-                .map_err(|e| Error::sqlite(&path, e))?;
-            let now = now_ms();
-            for item in items {
-                // An input error returns here; dropping `tx` rolls back.
-                let item = item?;
-                let max = item.max_attempts.unwrap_or(default_max_attempts).max(1);
-                let run_after = now.saturating_add(item.delay.map(ms).unwrap_or(0));
-                let changed = insert
-                    .execute(params![
-                        payload_value(&item.payload),
-                        item.key,
-                        item.priority,
-                        max,
-                        run_after,
-                        now
-                    ])
-                    .map_err(|e| Error::sqlite(&path, e))?;
-                if changed == 1 {
-                    report.added += 1;
-                } else {
-                    report.duplicates += 1;
-                }
-            }
-        }
-        tx.commit().map_err(|e| Error::sqlite(&path, e))?;
-        Ok(report)
+        add_in(&mut self.conn, &self.path, items, default_max_attempts)
     }
 
     /// Records finished leases, extends live ones and claims new items, all
@@ -719,7 +794,7 @@ impl Session {
                     Ok(Job {
                         id: r.get(0)?,
                         payload: bytes(r.get_ref(1)?),
-                        key: r.get(2)?,
+                        key: key_text(r.get_ref(2)?),
                         priority: r.get(3)?,
                         attempt: to_u32(r.get(4)?),
                         max_attempts: to_u32(r.get(5)?),
@@ -861,12 +936,10 @@ impl Session {
             }
             report.total = report.pending + report.running + report.done + report.failed;
             let now = now_ms();
-            let (done, failed): (i64, i64) = tx.query_row(
-                "SELECT coalesce(sum(done), 0), coalesce(sum(failed), 0)
-                 FROM throughput WHERE second >= ?1 AND second < ?2",
-                params![now / 1000 - 60, now / 1000],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
+            let (done, failed): (i64, i64) =
+                tx.query_row(sql::RATES, params![now / 1000 - 60, now / 1000], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
             report.done_per_s = done as f64 / 60.0;
             report.failed_per_s = failed as f64 / 60.0;
             let head: Option<i64> = tx
@@ -889,11 +962,7 @@ impl Session {
     pub fn open_counts(&mut self) -> Result<(u64, u64)> {
         let path = self.path.clone();
         self.conn
-            .prepare_cached(
-                "SELECT coalesce(sum(n) FILTER (WHERE status = 'pending'), 0),
-                        coalesce(sum(n) FILTER (WHERE status = 'running'), 0)
-                 FROM counts",
-            )
+            .prepare_cached(sql::OPEN_COUNTS)
             .and_then(|mut s| {
                 s.query_row([], |r| {
                     Ok((
@@ -946,14 +1015,7 @@ impl Session {
         let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT id, key, status, priority, attempts, max_attempts, payload, result,
-                        last_error, created_at, finished_at
-                 FROM items
-                 WHERE ?1 IS NULL OR status = ?1
-                 ORDER BY id
-                 LIMIT ?2",
-            )
+            .prepare_cached(sql::ITEMS)
             .map_err(|e| Error::sqlite(&path, e))?;
         let mut rows = stmt
             .query(params![status.map(Status::as_str), limit])
@@ -967,7 +1029,7 @@ impl Session {
             let item = (|| -> rusqlite::Result<ItemRow> {
                 Ok(ItemRow {
                     id: row.get(0)?,
-                    key: row.get(1)?,
+                    key: key_text(row.get_ref(1)?),
                     status: row.get(2)?,
                     priority: row.get(3)?,
                     attempts: row.get(4)?,
@@ -1039,6 +1101,61 @@ impl Session {
     /// The underlying connection, for queries of one's own.
     pub fn connection(&self) -> &Connection {
         &self.conn
+    }
+}
+
+/// Adds `items` on `conn` in one immediate transaction; see
+/// [`Session::add`].
+fn add_in<I>(
+    conn: &mut Connection,
+    path: &Path,
+    items: I,
+    default_max_attempts: u32,
+) -> Result<AddReport>
+where
+    I: IntoIterator<Item = Result<NewItem>>,
+{
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| Error::sqlite(path, e))?;
+    let mut report = AddReport::default();
+    {
+        let mut insert = tx
+            .prepare_cached(sql::INSERT)
+            .map_err(|e| Error::sqlite(path, e))?;
+        let now = now_ms();
+        for item in items {
+            // An input error returns here; dropping `tx` rolls back.
+            let item = item?;
+            let max = item.max_attempts.unwrap_or(default_max_attempts).max(1);
+            let run_after = now.saturating_add(item.delay.map(ms).unwrap_or(0));
+            let changed = insert
+                .execute(params![
+                    payload_value(&item.payload),
+                    item_key(&item),
+                    item.priority,
+                    max,
+                    run_after,
+                    now
+                ])
+                .map_err(|e| Error::sqlite(path, e))?;
+            if changed == 1 {
+                report.added += 1;
+            } else {
+                report.duplicates += 1;
+            }
+        }
+    }
+    tx.commit().map_err(|e| Error::sqlite(path, e))?;
+    Ok(report)
+}
+
+/// Removes a database file and the -wal and -shm files beside it.
+pub fn remove_files(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let _ = std::fs::remove_file(name);
     }
 }
 

@@ -165,3 +165,35 @@ FROM items
 WHERE status = 'pending' AND run_after <= ?1
 ORDER BY priority DESC, id
 LIMIT 1";
+
+/// Items finished in a window of seconds. ?1 from, ?2 to (exclusive).
+pub const RATES: &str = "
+SELECT coalesce(sum(done), 0), coalesce(sum(failed), 0)
+FROM throughput
+WHERE second >= ?1 AND second < ?2";
+
+/// `(pending, running)` from the maintained counts.
+pub const OPEN_COUNTS: &str = "
+SELECT coalesce(sum(n) FILTER (WHERE status = 'pending'), 0),
+       coalesce(sum(n) FILTER (WHERE status = 'running'), 0)
+FROM counts";
+
+/// Items for `list` and `export`. ?1 status or NULL for all, ?2 limit
+/// (-1 for none).
+pub const ITEMS: &str = "
+SELECT id, key, status, priority, attempts, max_attempts, payload, result,
+       last_error, created_at, finished_at
+FROM items
+WHERE ?1 IS NULL OR status = ?1
+ORDER BY id
+LIMIT ?2";
+
+/// Moves the items of an attached staging file `incoming` in. The `WHERE
+/// true` keeps SQLite from reading `ON CONFLICT` as part of the SELECT.
+pub const TAKE_ITEMS: &str = "
+INSERT INTO items (payload, key, priority, max_attempts, run_after, created_at)
+SELECT payload, key, priority, max_attempts, run_after, created_at
+FROM incoming.items
+WHERE true
+ORDER BY id
+ON CONFLICT (key) DO NOTHING";

@@ -1,0 +1,12 @@
+//! The integration tests: one binary, every test driving the real
+//! `litework` executable against a database of its own in a temporary
+//! directory of its own.
+
+mod cli;
+mod database;
+mod input;
+mod payloads;
+mod run;
+mod shutdown;
+mod util;
+mod worker;

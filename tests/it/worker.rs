@@ -1,0 +1,260 @@
+//! The worker loop through the binary: exclusive claims across processes,
+//! fencing of a lost lease, retries with backoff, timeouts.
+
+use std::collections::BTreeMap;
+
+use crate::util::{process_gone, read_pid, summary, wait_until, Sandbox, DEADLINE, LINGER};
+
+#[test]
+fn concurrent_workers_run_each_item_exactly_once() {
+    const ITEMS: usize = 2000;
+    const WORKERS: usize = 4;
+    let sb = Sandbox::new();
+    let input: String = (1..=ITEMS).map(|n| format!("item-{n}\n")).collect();
+    sb.add("lines", input, &[]);
+    std::fs::create_dir(sb.path("logs")).unwrap();
+
+    // Each run appends one line to its worker's log; O_APPEND keeps the
+    // lines of the concurrent runs of one worker whole.
+    let script = r#"printf '%s %s\n' "$LITEWORK_ITEM_ID" "$LITEWORK_WORKER_ID" \
+        >> "$DIR/logs/$LITEWORK_WORKER_ID""#;
+    let workers: Vec<_> = (1..=WORKERS)
+        .map(|n| {
+            let id = format!("w{n}");
+            sb.lw(["worker", "-c", "4", "--worker-id", &id])
+                .args(["--", "sh", "-c", script, "sh"])
+                .spawn()
+        })
+        .collect();
+    let summaries: Vec<_> = workers
+        .into_iter()
+        .map(|w| summary(&w.wait(0).stderr))
+        .collect();
+
+    let mut runs: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    for n in 1..=WORKERS {
+        let worker = format!("w{n}");
+        let log = std::fs::read_to_string(sb.path("logs").join(&worker)).unwrap_or_default();
+        for line in log.lines() {
+            let (id, by) = line
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("malformed log line {line:?}"));
+            assert_eq!(by, worker, "LITEWORK_WORKER_ID of a run of {worker}");
+            runs.entry(id.parse().unwrap())
+                .or_default()
+                .push(worker.clone());
+        }
+    }
+    let twice: Vec<_> = runs.iter().filter(|(_, by)| by.len() > 1).collect();
+    assert!(twice.is_empty(), "items run more than once: {twice:?}");
+    let expected: Vec<i64> = (1..=ITEMS as i64).collect();
+    assert_eq!(runs.keys().copied().collect::<Vec<_>>(), expected);
+
+    let items = sb.items();
+    assert_eq!(items.len(), ITEMS);
+    for item in &items {
+        assert_eq!(
+            (item.status.as_str(), item.attempts),
+            ("done", 1),
+            "{item:?}"
+        );
+        assert_eq!(item.lease_owner, None, "{item:?}");
+    }
+    assert!(sb.attempts().is_empty(), "no attempt failed or was lost");
+    let done: u64 = summaries.iter().map(|s| s.done).sum();
+    assert_eq!(done, ITEMS as u64, "{summaries:?}");
+    assert!(
+        summaries.iter().all(|s| s.lost == 0 && s.failed == 0),
+        "{summaries:?}"
+    );
+    let stopped: i64 = sb
+        .conn()
+        .query_row(
+            "SELECT count(*) FROM workers WHERE status = 'stopped'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stopped, WORKERS as i64);
+}
+
+#[test]
+fn worker_whose_lease_was_taken_cannot_overwrite_the_new_owner() {
+    let sb = Sandbox::new();
+    sb.add("lines", "the-item\n", &[]);
+
+    let script_a = r#"touch "$DIR/a-started"
+        while [ ! -e "$DIR/go" ] && [ -d "$DIR" ]; do sleep 0.05; done
+        printf from-a"#;
+    let a = sb
+        .lw(["worker", "-c", "1", "--lease", "60s"])
+        .args(["--worker-id", "worker-a"])
+        .args(["--", "sh", "-c", script_a, "sh"])
+        .spawn();
+    wait_until("worker A started the item", DEADLINE, || {
+        sb.path("a-started").exists()
+    });
+    assert_eq!(sb.only_item().lease_owner.as_deref(), Some("worker-a"));
+
+    let requeue = sb.lw(["requeue-stale", "--worker", "worker-a"]).run();
+    requeue.assert_stderr_has("requeued 1 items (1 back to pending");
+    let b = sb
+        .lw(["worker", "-c", "1", "--worker-id", "worker-b"])
+        .args(["--", "printf", "from-b"])
+        .run();
+    assert_eq!(summary(&b.stderr).counts(), (1, 0, 0, 0, 0));
+    let after_b = sb.only_item();
+    assert_eq!(after_b.status, "done");
+    assert_eq!(after_b.result.as_deref(), Some(&b"from-b"[..]));
+    assert_eq!(after_b.attempts, 2, "A's attempt and B's");
+
+    std::fs::write(sb.path("go"), "").unwrap();
+    let a = a.wait(0);
+    a.assert_stderr_has("lease lost");
+    let a_summary = summary(&a.stderr);
+    assert_eq!(a_summary.worker, "worker-a");
+    assert_eq!(
+        a_summary.counts(),
+        (0, 0, 0, 1, 0),
+        "A counts one lost lease"
+    );
+    assert_eq!(
+        sb.only_item(),
+        after_b,
+        "A's late outcome must not touch the row"
+    );
+
+    let history = sb.attempts();
+    assert_eq!(history.len(), 1, "{history:#?}");
+    let lost = &history[0];
+    assert_eq!(
+        (lost.attempt, lost.worker.as_deref(), lost.outcome.as_str()),
+        (1, Some("worker-a"), "lost")
+    );
+}
+
+#[test]
+fn failing_item_is_retried_with_backoff_then_fails_and_retry_revives_it() {
+    let sb = Sandbox::new();
+    sb.add("lines", "doomed\n", &["--max-attempts", "3"]);
+
+    let fail = r#"echo "disk on fire" >&2; exit 3"#;
+    let out = sb
+        .lw(["worker", "-c", "1", "--backoff-base", "50ms"])
+        .args(["--", "sh", "-c", fail, "sh"])
+        .run_expect(1);
+    assert_eq!(summary(&out.stderr).counts(), (0, 2, 1, 0, 0));
+
+    let item = sb.only_item();
+    assert_eq!((item.status.as_str(), item.attempts), ("failed", 3));
+    let error = item.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("exit status 3") && error.contains("disk on fire"),
+        "last_error {error:?} should give the exit status and the stderr text"
+    );
+    assert!(item.finished_at.is_some());
+    let history: Vec<_> = sb
+        .attempts()
+        .into_iter()
+        .map(|a| (a.item_id, a.attempt, a.outcome, a.error.unwrap_or_default()))
+        .collect();
+    let want = "exit status 3: disk on fire".to_string();
+    assert_eq!(
+        history,
+        (1..=3)
+            .map(|n| (item.id, n, "error".to_string(), want.clone()))
+            .collect::<Vec<_>>()
+    );
+
+    let retry = sb.lw(["retry"]).run();
+    retry.assert_stderr_has("1 failed items back to pending");
+    let item = sb.only_item();
+    assert_eq!((item.status.as_str(), item.attempts), ("pending", 0));
+    assert_eq!(item.finished_at, None);
+
+    sb.lw(["worker", "-c", "1", "--", "printf", "mended"]).run();
+    let item = sb.only_item();
+    assert_eq!((item.status.as_str(), item.attempts), ("done", 1));
+    assert_eq!(item.result.as_deref(), Some(&b"mended"[..]));
+    assert_eq!(
+        sb.attempts().len(),
+        3,
+        "the history of the failed run is kept"
+    );
+}
+
+#[test]
+fn permanent_exit_status_fails_the_item_at_once() {
+    let sb = Sandbox::new();
+    sb.add("lines", "hopeless\n", &["--max-attempts", "3"]);
+
+    let out = sb
+        .lw(["worker", "-c", "1", "--backoff-base", "50ms"])
+        .args(["--permanent-exit", "7"])
+        .args(["--", "sh", "-c", "echo no such account >&2; exit 7", "sh"])
+        .run_expect(1);
+    assert_eq!(summary(&out.stderr).counts(), (0, 0, 1, 0, 0));
+
+    let item = sb.only_item();
+    assert_eq!((item.status.as_str(), item.attempts), ("failed", 1));
+    assert_eq!(
+        item.last_error.as_deref(),
+        Some("exit status 7 (permanent): no such account")
+    );
+    let history = sb.attempts();
+    assert_eq!(history.len(), 1, "{history:#?}");
+    assert_eq!(
+        (history[0].attempt, history[0].outcome.as_str()),
+        (1, "permanent")
+    );
+}
+
+#[test]
+fn timeout_kills_the_item_and_everything_it_started() {
+    let sb = Sandbox::new();
+    sb.add("lines", "slow\n", &["--max-attempts", "1"]);
+
+    let script = format!(r#"( {LINGER} ) & echo $! > "$DIR/bg.pid"; wait"#);
+    let out = sb
+        .lw(["worker", "-c", "1", "--timeout", "1s"])
+        .args(["--", "sh", "-c", &script, "sh"])
+        .run_expect(1);
+    assert_eq!(summary(&out.stderr).counts(), (0, 0, 1, 0, 0));
+
+    let item = sb.only_item();
+    assert_eq!((item.status.as_str(), item.attempts), ("failed", 1));
+    let error = item.last_error.clone().unwrap_or_default();
+    assert!(error.contains("timed out"), "last_error {error:?}");
+    let history = sb.attempts();
+    assert_eq!(history.len(), 1, "{history:#?}");
+    assert_eq!(history[0].outcome, "timeout");
+
+    let background = read_pid(&sb.path("bg.pid"));
+    wait_until(
+        &format!("the item's background process {background} is gone"),
+        DEADLINE,
+        || process_gone(background),
+    );
+}
+
+#[test]
+fn higher_priority_items_run_first_and_ties_in_the_order_added() {
+    let sb = Sandbox::new();
+    sb.add("lines", "low-1\nlow-2\n", &["--priority", "-1"]);
+    sb.add("lines", "mid-1\n", &[]);
+    let jsonl = r#"{"payload":"high-1","priority":5}
+{"payload":"mid-2"}
+{"payload":"high-2","priority":5}
+"#;
+    sb.add("jsonl", jsonl, &[]);
+
+    let log = sb.path("order");
+    let script = r#"printf '%s\n' "$1" >> "$DIR/order""#;
+    sb.lw(["worker", "-c", "1", "--", "sh", "-c", script, "sh"])
+        .run();
+    let order = std::fs::read_to_string(log).unwrap();
+    assert_eq!(
+        order.lines().collect::<Vec<_>>(),
+        ["high-1", "high-2", "mid-1", "mid-2", "low-1", "low-2"]
+    );
+}
