@@ -170,6 +170,14 @@ pub struct WorkerArgs {
     #[arg(long, value_parser = duration, default_value = "100ms")]
     pub idle_poll: Duration,
 
+    /// Where to serve /metrics and /healthz (default 127.0.0.1:0, a free
+    /// port). A worker records its address in the workers table. Under
+    /// `run` this is the supervisor's address (give a fixed port for
+    /// Prometheus, e.g. 127.0.0.1:9464); its workers bind the same IP on
+    /// free ports and are listed by the supervisor's /sd endpoint.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+
     /// Identity to register under (the supervisor sets it); must be unique
     /// per process start.
     #[arg(long, hide = true)]
@@ -213,6 +221,17 @@ impl WorkerArgs {
             opt("permanent-exit", code.to_string());
         }
         opt("sweep-interval", d(self.sweep_interval));
+        let ip = self
+            .metrics_addr
+            .as_deref()
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map_or_else(|| "127.0.0.1".to_string(), |a| a.ip().to_string());
+        let ip = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip
+        };
+        opt("metrics-addr", format!("{ip}:0"));
         opt("idle-poll", d(self.idle_poll));
         for (on, flag) in [
             (self.follow, "--follow"),

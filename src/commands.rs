@@ -11,6 +11,7 @@ use base64::Engine;
 
 use litework::exec::{CommandSpec, Keeper, PayloadMode};
 use litework::input::{Defaults, Format, Records};
+use litework::metrics::Exporter;
 use litework::queue::{self, AddReport, Backoff, ItemRow, NewItem, Queue, StatusReport};
 use litework::supervisor::{Supervisor, SupervisorConfig};
 use litework::worker::{Worker, WorkerConfig};
@@ -224,8 +225,22 @@ fn run(
     })
     .context("installing the SIGINT/SIGTERM handler")?;
 
+    let supervisor = Supervisor::new(queue.clone(), config);
+    let addr = args
+        .worker
+        .metrics_addr
+        .as_deref()
+        .unwrap_or("127.0.0.1:0");
+    let targets = queue.clone();
+    let discovery: litework::metrics::Discovery = Box::new(move || discovery(&targets));
+    let registry = supervisor.metrics().registry().clone();
+    let exporter = Exporter::serve(addr, registry, Some(discovery))?;
+    let url = format!("http://{}", exporter.addr());
+    tracing::info!(metrics = %format!("{url}/metrics"), sd = %format!("{url}/sd"), "serving");
+
     let mut progress = Progress::new(args.progress);
-    let summary = Supervisor::new(queue, config).run(stop, &mut |s| progress.tick(s))?;
+    let summary = supervisor.run(stop, &mut |s| progress.tick(s))?;
+    drop(exporter);
     progress.finish();
 
     let s = &summary.status;
@@ -255,6 +270,28 @@ fn run(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The Prometheus HTTP service-discovery document: one target group per
+/// running worker that serves metrics; `[]` when there is none.
+fn discovery(queue: &Queue) -> String {
+    let targets = match queue.session().and_then(|mut s| s.metrics_targets()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "discovery: cannot read the workers table");
+            Vec::new()
+        }
+    };
+    let groups: Vec<serde_json::Value> = targets
+        .into_iter()
+        .map(|(id, addr)| {
+            serde_json::json!({
+                "targets": [addr],
+                "labels": { "litework_worker": id },
+            })
+        })
+        .collect();
+    serde_json::Value::Array(groups).to_string()
 }
 
 /// A word as it would be typed at a shell prompt.
@@ -359,6 +396,7 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
         },
         idle_poll: args.idle_poll,
         sweep_interval: args.sweep_interval,
+        metrics_addr: None,
     };
     if config.concurrency == 0 {
         return Err(litework::Error::Config("--concurrency must be at least 1".into()).into());
@@ -366,7 +404,7 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     if config.lease < std::time::Duration::from_millis(300) {
         return Err(litework::Error::Config("--lease must be at least 300ms".into()).into());
     }
-    let worker = {
+    let mut worker = {
         let id = config
             .id
             .clone()
@@ -381,6 +419,11 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
             spec,
         )
     };
+    // Bound before any work starts: a busy port is a start-up error.
+    let addr = args.metrics_addr.as_deref().unwrap_or("127.0.0.1:0");
+    let exporter = Exporter::serve(addr, worker.metrics().registry().clone(), None)?;
+    worker.advertise_metrics(exporter.addr());
+    tracing::debug!(addr = %exporter.addr(), "serving metrics");
 
     // The only place a signal handler is installed; the worker itself just
     // listens on a channel. A second signal skips the drain.

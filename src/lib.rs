@@ -41,6 +41,7 @@
 pub mod error;
 pub mod exec;
 pub mod input;
+pub mod metrics;
 pub mod queue;
 pub mod supervisor;
 pub mod worker;

@@ -26,12 +26,14 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use tracing::{error, info, warn};
 
 use crate::error::{Error, Result};
+use crate::metrics::{RequeueCause, SupervisorMetrics};
 use crate::queue::{now_ms, Backoff, Queue, StatusReport};
 
 /// Consecutive crashes without a recorded outcome that make a slot
@@ -99,11 +101,22 @@ struct Slot {
 pub struct Supervisor {
     queue: Queue,
     config: SupervisorConfig,
+    metrics: Arc<SupervisorMetrics>,
 }
 
 impl Supervisor {
     pub fn new(queue: Queue, config: SupervisorConfig) -> Supervisor {
-        Supervisor { queue, config }
+        let metrics = Arc::new(SupervisorMetrics::new(queue.clone()));
+        Supervisor {
+            queue,
+            config,
+            metrics,
+        }
+    }
+
+    /// The supervisor's metrics, to serve with [`crate::metrics::Exporter`].
+    pub fn metrics(&self) -> Arc<SupervisorMetrics> {
+        self.metrics.clone()
     }
 
     /// Runs workers until the queue drains (or, with `follow`, until
@@ -177,6 +190,8 @@ impl Supervisor {
                 }
                 // Died: take its leases back before anything else.
                 let moved = session.requeue_worker(&slot.id)?;
+                self.metrics
+                    .requeued(RequeueCause::DeadWorker, moved.total());
                 let finished = session.worker_finished(&slot.id)?;
                 slot.fruitless = if finished > 0 { 0 } else { slot.fruitless + 1 };
                 warn!(
@@ -242,15 +257,19 @@ impl Supervisor {
                     if due && (open || self.config.follow) {
                         self.start(slot)?;
                         restarts += 1;
+                        self.metrics.restarts.inc();
                     } else if due && matches!(slot.state, SlotState::Waiting { .. }) {
                         slot.state = SlotState::Finished;
                     }
                 }
             }
 
-            let running = slots
+            let live = slots
                 .iter()
-                .any(|s| matches!(s.state, SlotState::Running { .. }));
+                .filter(|s| matches!(s.state, SlotState::Running { .. }))
+                .count();
+            self.metrics.workers_live.set(live as i64);
+            let running = live > 0;
             let waiting = slots
                 .iter()
                 .any(|s| matches!(s.state, SlotState::Waiting { .. }));
@@ -275,6 +294,9 @@ impl Supervisor {
             if last_sweep.elapsed() >= self.config.sweep_interval {
                 last_sweep = Instant::now();
                 let moved = session.requeue_expired()?;
+                let seconds = last_sweep.elapsed().as_secs_f64();
+                self.metrics.sweep_seconds.observe(seconds);
+                self.metrics.requeued(RequeueCause::Expired, moved.total());
                 if moved.total() > 0 {
                     info!(
                         pending = moved.pending,

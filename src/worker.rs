@@ -23,6 +23,7 @@ use crossbeam_channel::{select, Receiver, Sender};
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::metrics::{Attempt, WorkerMetrics};
 use crate::queue::{
     now_ms, Backoff, Completion, FailureKind, Job, Queue, Recorded, Session, Turn, WorkerInfo,
 };
@@ -154,6 +155,9 @@ pub struct WorkerConfig {
     pub idle_poll: Duration,
     /// How often to requeue expired leases of other workers.
     pub sweep_interval: Duration,
+    /// Where this worker's `/metrics` is served, recorded in the `workers`
+    /// table for service discovery (the caller runs the server).
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -168,6 +172,7 @@ impl Default for WorkerConfig {
             backoff: Backoff::default(),
             idle_poll: Duration::from_millis(100),
             sweep_interval: Duration::from_secs(10),
+            metrics_addr: None,
         }
     }
 }
@@ -209,12 +214,23 @@ pub fn host_name() -> String {
     }
 }
 
+/// How others reach `addr`: a wildcard address is replaced by the host
+/// name.
+pub fn advertised(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("{}:{}", host_name(), addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
 /// A worker process's loop; see the module doc.
 pub struct Worker {
     queue: Queue,
     config: WorkerConfig,
     handler: Arc<dyn Handler>,
     id: String,
+    metrics: Arc<WorkerMetrics>,
 }
 
 struct InFlight {
@@ -241,7 +257,18 @@ impl Worker {
             config,
             handler: Arc::new(handler),
             id,
+            metrics: Arc::new(WorkerMetrics::new()),
         }
+    }
+
+    /// This worker's metrics, to serve with [`crate::metrics::Exporter`].
+    pub fn metrics(&self) -> Arc<WorkerMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Records where this worker's metrics are served, for discovery.
+    pub fn advertise_metrics(&mut self, addr: std::net::SocketAddr) {
+        self.config.metrics_addr = Some(advertised(addr));
     }
 
     /// This worker's identity, as registered and as written in its leases.
@@ -261,6 +288,7 @@ impl Worker {
             id: self.id.clone(),
             pid: std::process::id(),
             host: host_name(),
+            metrics_addr: self.config.metrics_addr.clone(),
         })?;
         info!(worker = %self.id, concurrency = self.config.concurrency, "worker started");
 
@@ -275,6 +303,7 @@ impl Worker {
 
         let mut state = Loop {
             cfg: &self.config,
+            metrics: &self.metrics,
             id: &self.id,
             session: &mut session,
             job_tx: Some(job_tx),
@@ -359,6 +388,7 @@ fn spawn_executor(
 /// The database thread's state between turns.
 struct Loop<'a> {
     cfg: &'a WorkerConfig,
+    metrics: &'a WorkerMetrics,
     id: &'a str,
     session: &'a mut Session,
     job_tx: Option<Sender<(Job, Arc<Cancel>)>>,
@@ -479,6 +509,7 @@ impl Loop<'_> {
             claim: want,
             heartbeat: beat,
         };
+        let started = Instant::now();
         let result = match self.session.turn(self.id, self.cfg.lease, &turn) {
             Ok(r) => r,
             Err(e) => {
@@ -494,8 +525,16 @@ impl Loop<'_> {
             let after = t.since.elapsed();
             info!(worker = %self.id, failures = t.failures, ?after, "database writable again");
         }
+        if want > 0 {
+            self.metrics
+                .claim_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics.claimed.inc_by(result.claimed.len() as u64);
+        }
         if beat {
             self.last_heartbeat = Instant::now();
+            let kept = turn.extend.len().saturating_sub(result.lost.len());
+            self.metrics.leases_extended.inc_by(kept as u64);
         }
         for ((job, completion), (_, recorded)) in turn.finished.iter().zip(&result.recorded) {
             self.count(job, completion, *recorded);
@@ -532,9 +571,11 @@ impl Loop<'_> {
     fn count(&mut self, job: &Job, completion: &Completion, recorded: Recorded) {
         if recorded == Recorded::LeaseLost {
             self.report.lost += 1;
+            self.metrics.finished(Attempt::Lost);
             warn!(worker = %self.id, item = job.id, "lease lost; outcome dropped");
             return;
         }
+        self.metrics.finished(outcome_of(completion));
         match completion {
             Completion::Done { .. } => self.report.done += 1,
             Completion::Failed { .. } => self.report.failed += 1,
@@ -581,6 +622,8 @@ impl Loop<'_> {
         let completion = match (flight.cancel.reason(), f.outcome) {
             (Some(CancelReason::LeaseLost), _) => {
                 self.report.lost += 1;
+                self.metrics.finished(Attempt::Lost);
+                self.metrics.observe(Attempt::Lost, elapsed.as_secs_f64());
                 return;
             }
             // It finished before the kill landed: keep the result.
@@ -604,6 +647,8 @@ impl Loop<'_> {
                 kind: FailureKind::Permanent,
             },
         };
+        let seconds = elapsed.as_secs_f64();
+        self.metrics.observe(outcome_of(&completion), seconds);
         let (item, attempt) = (job.id, job.attempt);
         match &completion {
             Completion::Retry { error, .. } => {
@@ -739,6 +784,7 @@ impl Loop<'_> {
 
     /// Sleeps until an outcome arrives, a stop signal, or the next deadline.
     fn wait(&mut self) {
+        self.metrics.in_flight.set(self.in_flight.len() as i64);
         let now = Instant::now();
         let mut until = self.last_heartbeat + self.cfg.lease / 3;
         let mut consider = |t: Instant| until = until.min(t);
@@ -792,6 +838,16 @@ impl Loop<'_> {
             }
             default(timeout) => {}
         }
+    }
+}
+
+/// The metrics label of a completion.
+fn outcome_of(c: &Completion) -> Attempt {
+    match c {
+        Completion::Done { .. } => Attempt::Done,
+        Completion::Retry { .. } => Attempt::Retry,
+        Completion::Failed { .. } => Attempt::Failed,
+        Completion::Release => Attempt::Released,
     }
 }
 

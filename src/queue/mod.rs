@@ -347,6 +347,8 @@ pub struct WorkerInfo {
     pub id: String,
     pub pid: u32,
     pub host: String,
+    /// Where its `/metrics` is served, for service discovery.
+    pub metrics_addr: Option<String>,
 }
 
 /// An open queue file and its connection pool. Cheap to clone.
@@ -875,7 +877,7 @@ impl Session {
         self.write(|tx| {
             tx.execute(
                 sql::REGISTER_WORKER,
-                params![info.id, info.pid, info.host, now_ms()],
+                params![info.id, info.pid, info.host, now_ms(), info.metrics_addr],
             )?;
             Ok(())
         })
@@ -899,6 +901,22 @@ impl Session {
             .and_then(|mut s| s.query_row(params![worker], |r| r.get(0)).optional())
             .map_err(|e| Error::sqlite(&path, e))?;
         Ok(u64::try_from(n.unwrap_or(0)).unwrap_or(0))
+    }
+
+    /// `(worker id, metrics address)` of the running workers that serve
+    /// metrics: what service discovery lists.
+    pub fn metrics_targets(&mut self) -> Result<Vec<(String, String)>> {
+        let path = self.path.clone();
+        let run = |conn: &Connection| -> rusqlite::Result<Vec<(String, String)>> {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, metrics_addr FROM workers
+                 WHERE status = 'running' AND metrics_addr IS NOT NULL
+                 ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        };
+        run(&self.conn).map_err(|e| Error::sqlite(&path, e))
     }
 
     /// Failed or lost attempts that ended at or after `since` (ms).

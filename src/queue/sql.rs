@@ -140,10 +140,10 @@ SET status      = 'pending',
     finished_at = NULL
 WHERE status = 'failed'";
 
-/// ?1 id, ?2 pid, ?3 host, ?4 now.
+/// ?1 id, ?2 pid, ?3 host, ?4 now, ?5 metrics address or NULL.
 pub const REGISTER_WORKER: &str = "
-INSERT INTO workers (id, pid, host, started_at, heartbeat_at)
-VALUES (?1, ?2, ?3, ?4, ?4)";
+INSERT INTO workers (id, pid, host, started_at, heartbeat_at, metrics_addr)
+VALUES (?1, ?2, ?3, ?4, ?4, ?5)";
 
 /// ?1 id, ?2 now.
 pub const WORKER_HEARTBEAT: &str = "
