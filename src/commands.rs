@@ -226,11 +226,7 @@ fn run(
     .context("installing the SIGINT/SIGTERM handler")?;
 
     let supervisor = Supervisor::new(queue.clone(), config);
-    let addr = args
-        .worker
-        .metrics_addr
-        .as_deref()
-        .unwrap_or("127.0.0.1:0");
+    let addr = args.worker.metrics_addr.as_deref().unwrap_or("127.0.0.1:0");
     let targets = queue.clone();
     let discovery: litework::metrics::Discovery = Box::new(move || discovery(&targets));
     let registry = supervisor.metrics().registry().clone();
@@ -660,5 +656,32 @@ fn one_line(s: &str, max: usize) -> String {
     } else {
         let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
         format!("{cut}…")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use litework::queue::WorkerInfo;
+
+    #[test]
+    fn discovery_lists_running_workers_with_an_address_and_is_empty_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::create(dir.path().join("q.db")).unwrap();
+        assert_eq!(discovery(&queue), "[]");
+        let mut s = queue.session().unwrap();
+        for (id, addr) in [("w1", Some("127.0.0.1:1234")), ("w2", None)] {
+            s.register_worker(&WorkerInfo {
+                id: id.into(),
+                pid: 1,
+                host: "h".into(),
+                metrics_addr: addr.map(String::from),
+            })
+            .unwrap();
+        }
+        let want = r#"[{"labels":{"litework_worker":"w1"},"targets":["127.0.0.1:1234"]}]"#;
+        assert_eq!(discovery(&queue), want);
+        s.worker_stopped("w1").unwrap();
+        assert_eq!(discovery(&queue), "[]");
     }
 }

@@ -5,7 +5,9 @@
 mod cli;
 mod database;
 mod input;
+mod metrics;
 mod payloads;
+mod prometheus;
 mod run;
 mod shutdown;
 mod util;

@@ -1,0 +1,138 @@
+//! The metrics endpoints without Prometheus: what a worker serves, and a
+//! busy metrics port refused before any work starts.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use crate::util::{wait_until, Sandbox, DEADLINE};
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .expect("setting a read timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("sending a request");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("reading a response");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+    (status.unwrap_or(0), body.to_string())
+}
+
+/// The value of the sample `series` (name and labels, exactly as
+/// exposed) in a text exposition.
+fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn a_worker_serves_its_counts_and_health_at_the_address_it_registered() {
+    let sb = Sandbox::new();
+    sb.add("lines", "a\nb\nc\n", &[]);
+    let worker = sb
+        .lw(["worker", "-c", "2", "--follow", "--", "true"])
+        .spawn();
+    wait_until("all three items are done", DEADLINE, || {
+        sb.count("done") == 3
+    });
+    let addr: String = sb
+        .conn()
+        .query_row("SELECT metrics_addr FROM workers", [], |r| r.get(0))
+        .expect("the worker registered its metrics address");
+    assert!(
+        addr.starts_with("127.0.0.1:"),
+        "loopback by default: {addr}"
+    );
+
+    let (status, body) = get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    let done = "litework_items_finished_total{outcome=\"done\"}";
+    assert_eq!(sample(&body, done), Some(3.0), "{body}");
+    assert_eq!(sample(&body, "litework_items_claimed_total"), Some(3.0));
+    assert_eq!(sample(&body, "litework_items_in_flight"), Some(0.0));
+    assert_eq!(get(&addr, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(get(&addr, "/nope").0, 404);
+
+    worker.signal(libc::SIGTERM);
+    worker.wait(0);
+}
+
+#[test]
+fn a_busy_metrics_port_is_refused_before_any_claim() {
+    let sb = Sandbox::new();
+    sb.add("lines", "a\n", &[]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a port");
+    let addr = taken.local_addr().expect("its address").to_string();
+    let out = sb
+        .lw(["worker", "--metrics-addr", &addr, "--", "true"])
+        .run_expect(2);
+    out.assert_stderr_has(&format!("metrics address {addr}"));
+    let item = sb.only_item();
+    assert_eq!((item.status.as_str(), item.attempts), ("pending", 0));
+
+    let run = sb
+        .lw(["run", "--metrics-addr", &addr, "--", "true"])
+        .run_expect(2);
+    run.assert_stderr_has(&format!("metrics address {addr}"));
+    assert_eq!(sb.only_item().attempts, 0);
+}
+
+#[test]
+fn supervisor_discovery_lists_its_live_workers() {
+    let sb = Sandbox::new();
+    sb.add("lines", "a\n", &[]);
+    let run = sb
+        .lw([
+            "run",
+            "-w",
+            "2",
+            "--follow",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--progress", "none", "--", "true"])
+        .spawn();
+    let mut supervisor = String::new();
+    wait_until("the supervisor logs its address", DEADLINE, || {
+        let log = run.stderr_so_far();
+        supervisor = log
+            .split("metrics=http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default()
+            .to_string();
+        !supervisor.is_empty()
+    });
+    let mut groups = serde_json::Value::Null;
+    wait_until("/sd lists two workers", DEADLINE, || {
+        let (_, body) = get(&supervisor, "/sd");
+        groups = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+        groups.as_array().is_some_and(|g| g.len() == 2)
+    });
+    let registered: Vec<(String, String)> = {
+        let conn = sb.conn();
+        let mut stmt = conn
+            .prepare("SELECT id, metrics_addr FROM workers WHERE status = 'running' ORDER BY id")
+            .unwrap();
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        rows.collect::<rusqlite::Result<_>>().unwrap()
+    };
+    let listed: Vec<(String, String)> = groups
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|g| {
+            let id = g["labels"]["litework_worker"].as_str().unwrap_or_default();
+            let target = g["targets"][0].as_str().unwrap_or_default();
+            (id.to_string(), target.to_string())
+        })
+        .collect();
+    assert_eq!(listed, registered);
+    for (_, target) in &listed {
+        assert_eq!(get(target, "/healthz").0, 200, "{target}");
+    }
+    run.signal(libc::SIGTERM);
+    run.wait(0);
+}

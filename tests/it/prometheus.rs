@@ -1,0 +1,274 @@
+//! Against a real Prometheus (Debian's `prometheus` package): the
+//! exposition passes `promtool check metrics`, and a Prometheus that
+//! discovers a run through the supervisor's /sd endpoint counts every item
+//! and has data for every panel of the Grafana dashboard.
+//!
+//! These tests are ignored by a plain `cargo test`, which must pass on a
+//! machine without Prometheus; `.ci/run` installs it and runs them with
+//! `--ignored`, where a missing `prometheus` or `promtool` is a failure.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::util::{wait_until, Cmd, Running, Sandbox, DEADLINE};
+
+const ITEMS: usize = 300;
+
+/// Whether a program can be started at all, with a useful failure if not.
+fn require(program: &str) {
+    let found = Command::new(program).arg("--version").output();
+    assert!(
+        found.is_ok_and(|o| o.status.success()),
+        "{program} is needed for this test: apt-get install prometheus"
+    );
+}
+
+/// GET `path` from `addr` over plain HTTP/1.0; returns status and body.
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .expect("setting a read timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("sending a request");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("reading a response");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("GET http://{addr}{path}: malformed response {head:?}"));
+    (status, body.to_string())
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A port nobody listens on now (the kernel's pick, released at once).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding port 0");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Starts `litework run --follow` over ITEMS no-op items and returns it
+/// with the supervisor's metrics address, once every item is done.
+fn finished_run(sb: &Sandbox) -> (Running, String) {
+    let items: String = (1..=ITEMS).map(|i| format!("{i}\n")).collect();
+    sb.write("items.txt", items);
+    let run = sb
+        .lw(["run", "-i", "items.txt", "-w", "2", "-c", "2", "--follow"])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--progress",
+            "none",
+            "--",
+            "true",
+        ])
+        .spawn();
+    let mut addr = String::new();
+    wait_until(
+        "the supervisor says where it serves metrics",
+        DEADLINE,
+        || {
+            let log = run.stderr_so_far();
+            let Some(at) = log.find("metrics=http://") else {
+                return false;
+            };
+            let rest = &log[at + "metrics=http://".len()..];
+            addr = rest.split('/').next().unwrap_or_default().to_string();
+            !addr.is_empty()
+        },
+    );
+    wait_until("every item is done", DEADLINE, || {
+        sb.count("done") == ITEMS as i64
+    });
+    (run, addr)
+}
+
+/// The workers' metrics addresses, from the supervisor's /sd document.
+fn discovered(supervisor: &str) -> Vec<String> {
+    let (status, body) = get(supervisor, "/sd");
+    assert_eq!(status, 200, "/sd: {body}");
+    let groups: serde_json::Value = serde_json::from_str(&body).expect("/sd is JSON");
+    let groups = groups.as_array().expect("/sd is a list").clone();
+    groups
+        .iter()
+        .flat_map(|g| g["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t.as_str().map(String::from))
+        .collect()
+}
+
+fn promtool_check(what: &str, exposition: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool's stdin")
+        .write_all(exposition.as_bytes())
+        .expect("feeding promtool");
+    let out = child.wait_with_output().expect("waiting for promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics on {what}: {said}"
+    );
+}
+
+#[test]
+#[ignore = "needs Prometheus; .ci/run runs it"]
+fn every_endpoint_passes_promtool_check_metrics() {
+    require("promtool");
+    let sb = Sandbox::new();
+    let (run, supervisor) = finished_run(&sb);
+    let workers = discovered(&supervisor);
+    assert_eq!(workers.len(), 2, "two workers listed: {workers:?}");
+    for addr in std::iter::once(&supervisor).chain(&workers) {
+        let (status, body) = get(addr, "/metrics");
+        assert_eq!(status, 200, "{addr}/metrics");
+        promtool_check(addr, &body);
+        assert_eq!(
+            get(addr, "/healthz"),
+            (200, "ok\n".to_string()),
+            "{addr}/healthz"
+        );
+    }
+    run.signal(libc::SIGTERM);
+    run.wait(0);
+}
+
+/// Writes a Prometheus config that scrapes the supervisor and discovers
+/// its workers, every second.
+fn prometheus_config(dir: &Path, supervisor: &str) -> std::path::PathBuf {
+    let config = format!(
+        "global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: litework-supervisor
+    static_configs:
+      - targets: ['{supervisor}']
+  - job_name: litework-workers
+    http_sd_configs:
+      - url: http://{supervisor}/sd
+        refresh_interval: 1s
+"
+    );
+    let path = dir.join("prometheus.yml");
+    std::fs::write(&path, config).expect("writing prometheus.yml");
+    path
+}
+
+/// The `data.result` of an instant query.
+fn query(prometheus: &str, promql: &str) -> Vec<serde_json::Value> {
+    let (status, body) = get(
+        prometheus,
+        &format!("/api/v1/query?query={}", url_encode(promql)),
+    );
+    assert_eq!(status, 200, "{promql}: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("Prometheus answers JSON");
+    v["data"]["result"].as_array().cloned().unwrap_or_default()
+}
+
+fn scalar(result: &[serde_json::Value]) -> Option<f64> {
+    result.first()?["value"][1].as_str()?.parse().ok()
+}
+
+/// Every panel query of the dashboard, with Grafana's variables replaced.
+fn panel_queries() -> Vec<(String, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("grafana/dashboards/litework.json");
+    let text = std::fs::read_to_string(&path).expect("reading the dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    let mut out = Vec::new();
+    let mut panels = dashboard["panels"].as_array().cloned().unwrap_or_default();
+    while let Some(panel) = panels.pop() {
+        // Rows may nest panels.
+        panels.extend(panel["panels"].as_array().cloned().unwrap_or_default());
+        let title = panel["title"].as_str().unwrap_or("?").to_string();
+        for target in panel["targets"].as_array().cloned().unwrap_or_default() {
+            if let Some(expr) = target["expr"].as_str() {
+                let expr = expr
+                    .replace("$__rate_interval", "15s")
+                    .replace("$__range", "5m");
+                out.push((title.clone(), expr));
+            }
+        }
+    }
+    assert!(!out.is_empty(), "the dashboard has no queries");
+    out
+}
+
+#[test]
+#[ignore = "needs Prometheus; .ci/run runs it"]
+fn prometheus_discovers_a_run_counts_every_item_and_fills_every_panel() {
+    require("prometheus");
+    let sb = Sandbox::new();
+    let (run, supervisor) = finished_run(&sb);
+    let config = prometheus_config(sb.dir(), &supervisor);
+    let web = format!("127.0.0.1:{}", free_port());
+    let data = sb.path("tsdb");
+    let prometheus = Cmd::new("prometheus", sb.dir())
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", data.display()))
+        .arg(format!("--web.listen-address={web}"))
+        .spawn();
+    let long = Duration::from_secs(60);
+
+    wait_until(
+        "Prometheus scrapes the supervisor and both workers",
+        long,
+        || TcpStream::connect(&web).is_ok() && scalar(&query(&web, "count(up == 1)")) == Some(3.0),
+    );
+    let done = "sum(litework_items_finished_total{outcome=\"done\"})";
+    wait_until("Prometheus has the final counters", long, || {
+        scalar(&query(&web, done)) == Some(ITEMS as f64)
+    });
+    let claimed = scalar(&query(&web, "sum(litework_items_claimed_total)"));
+    assert_eq!(claimed, Some(ITEMS as f64));
+    let queued = scalar(&query(&web, "litework_queue_items{status=\"done\"}"));
+    assert_eq!(queued, Some(ITEMS as f64));
+
+    let panels = panel_queries();
+    // Rates need two scrapes after the first sample: wait for them, and
+    // name the panels still empty if the deadline passes.
+    let started = std::time::Instant::now();
+    loop {
+        let empty: Vec<&(String, String)> = panels
+            .iter()
+            .filter(|(_, expr)| query(&web, expr).is_empty())
+            .collect();
+        if empty.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < long,
+            "panels without data after {long:?}: {empty:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    drop(prometheus);
+    run.signal(libc::SIGTERM);
+    run.wait(0);
+}
