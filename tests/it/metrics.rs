@@ -1,23 +1,7 @@
 //! The metrics endpoints without Prometheus: what a worker serves, and a
 //! busy metrics port refused before any work starts.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-
-use crate::util::{wait_until, Sandbox, DEADLINE};
-
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(DEADLINE))
-        .expect("setting a read timeout");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("sending a request");
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).expect("reading a response");
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
-    (status.unwrap_or(0), body.to_string())
-}
+use crate::util::{http_get as get, supervisor_addr, wait_until, Sandbox, DEADLINE};
 
 /// The value of the sample `series` (name and labels, exactly as
 /// exposed) in a text exposition.
@@ -94,17 +78,7 @@ fn supervisor_discovery_lists_its_live_workers() {
         ])
         .args(["--progress", "none", "--", "true"])
         .spawn();
-    let mut supervisor = String::new();
-    wait_until("the supervisor logs its address", DEADLINE, || {
-        let log = run.stderr_so_far();
-        supervisor = log
-            .split("metrics=http://")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .unwrap_or_default()
-            .to_string();
-        !supervisor.is_empty()
-    });
+    let supervisor = supervisor_addr(&run);
     let mut groups = serde_json::Value::Null;
     wait_until("/sd lists two workers", DEADLINE, || {
         let (_, body) = get(&supervisor, "/sd");

@@ -7,13 +7,13 @@
 //! machine without Prometheus; `.ci/run` installs it and runs them with
 //! `--ignored`, where a missing `prometheus` or `promtool` is a failure.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::util::{wait_until, Cmd, Running, Sandbox, DEADLINE};
+use crate::util::{http_get as get, supervisor_addr, wait_until, Cmd, Running, Sandbox, DEADLINE};
 
 const ITEMS: usize = 300;
 
@@ -24,24 +24,6 @@ fn require(program: &str) {
         found.is_ok_and(|o| o.status.success()),
         "{program} is needed for this test: apt-get install prometheus"
     );
-}
-
-/// GET `path` from `addr` over plain HTTP/1.0; returns status and body.
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(DEADLINE))
-        .expect("setting a read timeout");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("sending a request");
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).expect("reading a response");
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET http://{addr}{path}: malformed response {head:?}"));
-    (status, body.to_string())
 }
 
 fn url_encode(s: &str) -> String {
@@ -77,20 +59,7 @@ fn finished_run(sb: &Sandbox) -> (Running, String) {
             "true",
         ])
         .spawn();
-    let mut addr = String::new();
-    wait_until(
-        "the supervisor says where it serves metrics",
-        DEADLINE,
-        || {
-            let log = run.stderr_so_far();
-            let Some(at) = log.find("metrics=http://") else {
-                return false;
-            };
-            let rest = &log[at + "metrics=http://".len()..];
-            addr = rest.split('/').next().unwrap_or_default().to_string();
-            !addr.is_empty()
-        },
-    );
+    let addr = supervisor_addr(&run);
     wait_until("every item is done", DEADLINE, || {
         sb.count("done") == ITEMS as i64
     });

@@ -590,3 +590,41 @@ impl Summary {
         )
     }
 }
+
+/// GET `path` from `addr` over plain HTTP/1.0; returns the status code and
+/// the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut stream =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .expect("setting a read timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("sending a request");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("reading a response");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("GET http://{addr}{path}: malformed response {head:?}"));
+    (status, body.to_string())
+}
+
+/// Waits until a running `litework run` logs where its supervisor serves
+/// metrics, and returns that `host:port`.
+pub fn supervisor_addr(run: &Running) -> String {
+    let mut addr = String::new();
+    wait_until("the supervisor logs its metrics address", DEADLINE, || {
+        let log = run.stderr_so_far();
+        addr = log
+            .split("metrics=http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default()
+            .to_string();
+        !addr.is_empty()
+    });
+    addr
+}
