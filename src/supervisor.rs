@@ -34,7 +34,7 @@ use tracing::{error, info, warn};
 
 use crate::error::{Error, Result};
 use crate::metrics::{RequeueCause, SupervisorMetrics};
-use crate::queue::{now_ms, Backoff, Queue, StatusReport};
+use crate::queue::{now_ms, Backoff, Queue, Requeued, StatusReport};
 
 /// Consecutive crashes without a recorded outcome that make a slot
 /// crash-looping.
@@ -146,6 +146,10 @@ impl Supervisor {
         let mut last_sweep = Instant::now();
         let mut stop = stop;
         let mut fatal: Option<Error> = None;
+        // Dead workers whose leases could not be requeued yet (the
+        // database refused a write): retried every turn.
+        let mut unrequeued: Vec<String> = Vec::new();
+        let mut last_status = before.clone();
 
         // Leases left by an earlier run that died are expired or about to
         // be; take back the expired ones before starting.
@@ -189,16 +193,10 @@ impl Supervisor {
                     continue;
                 }
                 // Died: take its leases back before anything else.
-                let moved = session.requeue_worker(&slot.id)?;
-                self.metrics
-                    .requeued(RequeueCause::DeadWorker, moved.total());
-                let finished = session.worker_finished(&slot.id)?;
+                warn!(slot = slot.n, worker = %slot.id, status = %status, "worker died");
+                unrequeued.push(slot.id.clone());
+                let finished = transient_ok(session.worker_finished(&slot.id), 0)?;
                 slot.fruitless = if finished > 0 { 0 } else { slot.fruitless + 1 };
-                warn!(
-                    slot = slot.n, worker = %slot.id, status = %status,
-                    requeued = moved.pending, failed = moved.failed,
-                    "worker died; its leases were requeued"
-                );
                 if stop_began.is_some() || fatal.is_some() {
                     slot.state = SlotState::Finished;
                     continue;
@@ -221,8 +219,27 @@ impl Supervisor {
                 };
             }
 
-            let status = session.status()?;
-            let open = status.pending + status.running > 0;
+            let mut i = 0;
+            while i < unrequeued.len() {
+                match session.requeue_worker(&unrequeued[i]) {
+                    Ok(moved) => {
+                        let worker = unrequeued.remove(i);
+                        let (pending, failed) = (moved.pending, moved.failed);
+                        info!(%worker, pending, failed, "requeued the dead worker's leases");
+                        self.metrics
+                            .requeued(RequeueCause::DeadWorker, moved.total());
+                    }
+                    Err(e) if e.is_transient() => {
+                        warn!(error = %e, "cannot requeue a dead worker's leases yet");
+                        i += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+
+            let status = transient_ok(session.status(), last_status.clone())?;
+            last_status = status.clone();
+            let open = status.pending + status.running > 0 || !unrequeued.is_empty();
             progress(&status);
 
             if let Some(e) = fatal.take() {
@@ -293,7 +310,7 @@ impl Supervisor {
 
             if last_sweep.elapsed() >= self.config.sweep_interval {
                 last_sweep = Instant::now();
-                let moved = session.requeue_expired()?;
+                let moved = transient_ok(session.requeue_expired(), Requeued::default())?;
                 let seconds = last_sweep.elapsed().as_secs_f64();
                 self.metrics.sweep_seconds.observe(seconds);
                 self.metrics.requeued(RequeueCause::Expired, moved.total());
@@ -369,6 +386,19 @@ impl Supervisor {
 }
 
 use std::os::unix::process::CommandExt;
+
+/// A transient database error (lock held too long, disk full) is logged
+/// and `fallback` used instead: the supervisor keeps its workers going and
+/// tries again on its next turn.
+fn transient_ok<T>(r: Result<T>, fallback: T) -> Result<T> {
+    match r {
+        Err(e) if e.is_transient() => {
+            warn!(error = %e, "database write refused; trying again shortly");
+            Ok(fallback)
+        }
+        other => other,
+    }
+}
 
 fn signal_all(slots: &mut [Slot], signal: i32) {
     for slot in slots {
