@@ -177,8 +177,9 @@ impl CommandSpec {
             // (which drains) rather than every item at once.
             .process_group(0);
         let parent = std::process::id();
-        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork
-        // and exec.
+        let keeper = self.keeper.as_ref().map(|k| k.fd());
+        // SAFETY: between fork and exec only async-signal-safe calls
+        // (prctl, getppid, getpid, write) and no allocation.
         unsafe {
             cmd.pre_exec(move || {
                 // If the worker dies (kill -9, OOM), the item's main process
@@ -192,7 +193,15 @@ impl CommandSpec {
                 }
                 // The worker may have died before prctl took effect.
                 if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::other("the worker is gone"));
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                // Tell the keeper about this group before the command runs,
+                // so no window is left in which the worker could die with
+                // the group unlisted. One short write to a pipe is atomic.
+                if let Some(fd) = keeper {
+                    let mut line = [0u8; 24];
+                    let n = group_line(b'+', libc::getpid(), &mut line);
+                    libc::write(fd, line.as_ptr().cast(), n);
                 }
                 Ok(())
             });
@@ -226,9 +235,6 @@ impl CommandSpec {
             None
         };
         let group = child.id();
-        if let Some(k) = &self.keeper {
-            k.watch(group);
-        }
         let finished = wait_child(child, stdin, self.max_output, self.max_error, cancel);
         if let Some(k) = &self.keeper {
             k.forget(group);
@@ -558,8 +564,9 @@ fn join_words(words: &[OsString]) -> OsString {
 /// anything that process started in the background would run on unseen
 /// while another worker redoes the item. The keeper is `litework
 /// keep-groups`, started by the worker with a pipe on its standard input:
-/// the worker writes `+PGID` when an item starts and `-PGID` once it has
-/// been reaped. When the pipe closes, however the worker ended, the keeper
+/// each item's process writes `+PGID` itself between fork and exec (so the
+/// group is listed before the command runs), and the worker writes `-PGID`
+/// once it has reaped the item. When the pipe closes, however the worker ended, the keeper
 /// kills every group still listed, then exits.
 pub struct Keeper {
     pipe: Mutex<std::process::ChildStdin>,
@@ -601,13 +608,40 @@ impl Keeper {
         let _ = pipe.write_all(line.as_bytes());
     }
 
-    fn watch(&self, pgid: u32) {
-        self.send(format!("+{pgid}\n"));
+    /// The write end of the pipe, for a child to register its own group
+    /// between fork and exec.
+    fn fd(&self) -> RawFd {
+        self.pipe
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_raw_fd()
     }
 
     fn forget(&self, pgid: u32) {
         self.send(format!("-{pgid}\n"));
     }
+}
+
+/// Writes `sign`, the decimal `pid` and a newline into `buf` without
+/// allocating (it runs between fork and exec); returns the length.
+fn group_line(sign: u8, pid: libc::pid_t, buf: &mut [u8; 24]) -> usize {
+    let mut digits = [0u8; 20];
+    let mut n = pid.unsigned_abs();
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf[0] = sign;
+    for i in 0..len {
+        buf[1 + i] = digits[len - 1 - i];
+    }
+    buf[1 + len] = b'\n';
+    len + 2
 }
 
 /// The keeper's side: reads `+PGID` / `-PGID` lines until end of input,
@@ -697,6 +731,15 @@ mod tests {
         );
         forgotten.kill().unwrap();
         forgotten.wait().unwrap();
+    }
+
+    #[test]
+    fn group_lines_are_formatted_without_allocation() {
+        let mut buf = [0u8; 24];
+        let n = group_line(b'+', 40123, &mut buf);
+        assert_eq!(&buf[..n], b"+40123\n");
+        let n = group_line(b'-', 7, &mut buf);
+        assert_eq!(&buf[..n], b"-7\n");
     }
 
     #[test]

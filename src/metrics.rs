@@ -66,9 +66,9 @@ fn check<T>(r: prometheus::Result<T>) -> T {
     }
 }
 
-/// Seconds, from 1 ms to about 16 minutes.
+/// Seconds, from 1 ms to about 35 minutes, doubling.
 fn item_buckets() -> Vec<f64> {
-    check(prometheus::exponential_buckets(0.001, 4.0, 11))
+    check(prometheus::exponential_buckets(0.001, 2.0, 22))
 }
 
 /// Seconds, from 50 µs to about 1.6 s.
@@ -106,6 +106,8 @@ pub struct WorkerMetrics {
     pub claim_seconds: Histogram,
     pub in_flight: IntGauge,
     pub leases_extended: IntCounter,
+    /// Other workers' expired leases this worker's sweeps took back.
+    pub requeued_expired: IntCounter,
 }
 
 impl std::fmt::Debug for WorkerMetrics {
@@ -160,6 +162,8 @@ impl WorkerMetrics {
             "litework_leases_extended_total",
             "Leases this worker extended by heartbeat.",
         ));
+        let requeued = requeued_vec();
+        let requeued_expired = requeued.with_label_values(&["expired"]);
         let finished = Attempt::ALL
             .iter()
             .map(|o| finished_vec.with_label_values(&[o.label()]))
@@ -174,6 +178,7 @@ impl WorkerMetrics {
         check(registry.register(Box::new(claim_seconds.clone())));
         check(registry.register(Box::new(in_flight.clone())));
         check(registry.register(Box::new(leases_extended.clone())));
+        check(registry.register(Box::new(requeued)));
         WorkerMetrics {
             registry,
             claimed,
@@ -182,6 +187,7 @@ impl WorkerMetrics {
             claim_seconds,
             in_flight,
             leases_extended,
+            requeued_expired,
         }
     }
 
@@ -210,6 +216,19 @@ pub struct SupervisorMetrics {
     pub workers_live: IntGauge,
 }
 
+/// Leases taken back, by cause; served by the supervisor and, for the
+/// sweeps they run themselves, by workers.
+fn requeued_vec() -> IntCounterVec {
+    check(IntCounterVec::new(
+        Opts::new(
+            "litework_leases_requeued_total",
+            "Leases this process took back from workers, by cause: dead_worker (a worker \
+             the supervisor saw die), expired (found by a sweep).",
+        ),
+        &["cause"],
+    ))
+}
+
 /// Why leases were requeued, as a label value.
 #[derive(Debug, Clone, Copy)]
 pub enum RequeueCause {
@@ -224,14 +243,7 @@ impl SupervisorMetrics {
             "litework_worker_restarts_total",
             "Worker processes restarted after dying.",
         ));
-        let requeued = check(IntCounterVec::new(
-            Opts::new(
-                "litework_leases_requeued_total",
-                "Leases taken back from workers, by cause: dead_worker (a worker the \
-                 supervisor saw die), expired (found by a sweep).",
-            ),
-            &["cause"],
-        ));
+        let requeued = requeued_vec();
         for cause in ["dead_worker", "expired"] {
             requeued.with_label_values(&[cause]);
         }

@@ -750,6 +750,7 @@ impl Loop<'_> {
         self.last_sweep = Some(Instant::now());
         match self.session.requeue_expired() {
             Ok(moved) if moved.total() > 0 => {
+                self.metrics.requeued_expired.inc_by(moved.total());
                 let (pending, failed) = (moved.pending, moved.failed);
                 info!(worker = %self.id, pending, failed, "requeued expired leases");
                 self.idle = None;

@@ -188,12 +188,51 @@ fn panel_queries() -> Vec<(String, String)> {
     out
 }
 
+/// The `data.result` of a range query from `start` (Unix seconds) to now,
+/// one point a second: what a dashboard panel draws over that time.
+fn query_range(prometheus: &str, promql: &str, start: f64) -> Vec<serde_json::Value> {
+    let end = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is past 1970")
+        .as_secs_f64();
+    let path = format!(
+        "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step=1",
+        url_encode(promql)
+    );
+    let (status, body) = get(prometheus, &path);
+    assert_eq!(status, 200, "{promql}: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("Prometheus answers JSON");
+    v["data"]["result"].as_array().cloned().unwrap_or_default()
+}
+
 #[test]
 #[ignore = "needs Prometheus; .ci/run runs it"]
 fn prometheus_discovers_a_run_counts_every_item_and_fills_every_panel() {
     require("prometheus");
     let sb = Sandbox::new();
-    let (run, supervisor) = finished_run(&sb);
+    let long = Duration::from_secs(60);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is past 1970")
+        .as_secs_f64();
+
+    // An empty queue first, so that Prometheus watches the whole batch.
+    sb.lw(["init"]).run();
+    let run = sb
+        .lw([
+            "run",
+            "-w",
+            "2",
+            "-c",
+            "2",
+            "--follow",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--progress", "none", "--idle-poll", "20ms"])
+        .args(["--shell", "--", "sleep 0.02"])
+        .spawn();
+    let supervisor = supervisor_addr(&run);
     let config = prometheus_config(sb.dir(), &supervisor);
     let web = format!("127.0.0.1:{}", free_port());
     let data = sb.path("tsdb");
@@ -202,13 +241,22 @@ fn prometheus_discovers_a_run_counts_every_item_and_fills_every_panel() {
         .arg(format!("--storage.tsdb.path={}", data.display()))
         .arg(format!("--web.listen-address={web}"))
         .spawn();
-    let long = Duration::from_secs(60);
-
+    wait_until("Prometheus is ready", long, || {
+        TcpStream::connect(&web).is_ok() && get(&web, "/-/ready").0 == 200
+    });
     wait_until(
         "Prometheus scrapes the supervisor and both workers",
         long,
-        || TcpStream::connect(&web).is_ok() && scalar(&query(&web, "count(up == 1)")) == Some(3.0),
+        || scalar(&query(&web, "count(up == 1)")) == Some(3.0),
     );
+
+    // About two seconds of work at four items at a time, scraped every
+    // second.
+    let items: String = (1..=ITEMS).map(|i| format!("{i}\n")).collect();
+    sb.add("lines", items, &[]);
+    wait_until("every item is done", long, || {
+        sb.count("done") == ITEMS as i64
+    });
     let done = "sum(litework_items_finished_total{outcome=\"done\"})";
     wait_until("Prometheus has the final counters", long, || {
         scalar(&query(&web, done)) == Some(ITEMS as f64)
@@ -218,21 +266,22 @@ fn prometheus_discovers_a_run_counts_every_item_and_fills_every_panel() {
     let queued = scalar(&query(&web, "litework_queue_items{status=\"done\"}"));
     assert_eq!(queued, Some(ITEMS as f64));
 
+    // Every panel draws something over the run. Rates need two scrapes
+    // after the first sample, so look again until the deadline and name
+    // the panels still empty if it passes.
     let panels = panel_queries();
-    // Rates need two scrapes after the first sample: wait for them, and
-    // name the panels still empty if the deadline passes.
-    let started = std::time::Instant::now();
+    let waited = std::time::Instant::now();
     loop {
         let empty: Vec<&(String, String)> = panels
             .iter()
-            .filter(|(_, expr)| query(&web, expr).is_empty())
+            .filter(|(_, expr)| query_range(&web, expr, started).is_empty())
             .collect();
         if empty.is_empty() {
             break;
         }
         assert!(
-            started.elapsed() < long,
-            "panels without data after {long:?}: {empty:#?}"
+            waited.elapsed() < long,
+            "panels without data over the run: {empty:#?}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
