@@ -170,6 +170,22 @@ pub struct WorkerArgs {
     #[arg(long, value_parser = duration, default_value = "100ms")]
     pub idle_poll: Duration,
 
+    /// Limit each item's CPU time (seconds; SIGXCPU, then SIGKILL).
+    #[arg(long, value_name = "SECONDS")]
+    pub limit_cpu: Option<u64>,
+
+    /// Limit each item's address space (bytes; K, M, G suffixes).
+    #[arg(long, value_name = "BYTES", value_parser = size)]
+    pub limit_memory: Option<u64>,
+
+    /// Limit each item's open files.
+    #[arg(long, value_name = "N")]
+    pub limit_files: Option<u64>,
+
+    /// Limit the size of files an item writes (bytes; K, M, G suffixes).
+    #[arg(long, value_name = "BYTES", value_parser = size)]
+    pub limit_file_size: Option<u64>,
+
     /// Where to serve /metrics and /healthz (default 127.0.0.1:0, a free
     /// port). A worker records its address in the workers table. Under
     /// `run` this is the supervisor's address (give a fixed port for
@@ -221,6 +237,17 @@ impl WorkerArgs {
             opt("permanent-exit", code.to_string());
         }
         opt("sweep-interval", d(self.sweep_interval));
+        let limits = [
+            ("limit-cpu", self.limit_cpu),
+            ("limit-memory", self.limit_memory),
+            ("limit-files", self.limit_files),
+            ("limit-file-size", self.limit_file_size),
+        ];
+        for (name, value) in limits {
+            if let Some(v) = value {
+                opt(name, v.to_string());
+            }
+        }
         let ip = self
             .metrics_addr
             .as_deref()
@@ -352,6 +379,26 @@ pub struct ExportArgs {
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m, 1h)"))
+}
+
+/// A byte count: digits with an optional K, M or G (powers of 1024).
+fn size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let scale: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("unknown unit {unit:?} (use K, M or G)")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 512M, 2G)"))?;
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{s} is too large"))
 }
 
 fn status(s: &str) -> Result<Status, String> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use base64::Engine;
 
-use litework::exec::{CommandSpec, Keeper, PayloadMode};
+use litework::exec::{CommandSpec, Keeper, Limits, PayloadMode};
 use litework::input::{Defaults, Format, Records};
 use litework::metrics::Exporter;
 use litework::queue::{self, AddReport, Backoff, ItemRow, NewItem, Queue, StatusReport};
@@ -370,6 +370,12 @@ fn worker_spec(args: &WorkerArgs) -> litework::Result<CommandSpec> {
     let mut spec = CommandSpec::new(args.command.clone(), mode)?;
     spec.max_output = args.max_output;
     spec.permanent_exit = args.permanent_exit.clone();
+    spec.limits = Limits {
+        cpu_seconds: args.limit_cpu,
+        address_space: args.limit_memory,
+        open_files: args.limit_files,
+        file_size: args.limit_file_size,
+    };
     Ok(spec)
 }
 

@@ -64,6 +64,56 @@ pub struct CommandSpec {
     pub worker_id: String,
     /// Kills the items' process groups if the worker dies; see [`Keeper`].
     pub keeper: Option<Arc<Keeper>>,
+    /// Resource limits set in each item's process before it runs.
+    pub limits: Limits,
+}
+
+/// Resource limits for item commands (`setrlimit(2)` in the child before
+/// exec; inherited by everything the command starts). A command that
+/// exceeds one is stopped by the kernel (SIGXCPU, SIGXFSZ) or sees its
+/// allocations or `open` calls fail, and the item fails like any other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// CPU time, in seconds (RLIMIT_CPU).
+    pub cpu_seconds: Option<u64>,
+    /// Address space, in bytes (RLIMIT_AS).
+    pub address_space: Option<u64>,
+    /// Open file descriptors (RLIMIT_NOFILE).
+    pub open_files: Option<u64>,
+    /// Largest file the command may write, in bytes (RLIMIT_FSIZE).
+    pub file_size: Option<u64>,
+}
+
+impl Limits {
+    /// Applies the limits to the calling process. Runs between fork and
+    /// exec: no allocation.
+    fn apply(&self) -> std::io::Result<()> {
+        let set = |resource, soft: u64, hard: u64| {
+            let limit = libc::rlimit {
+                rlim_cur: soft as libc::rlim_t,
+                rlim_max: hard as libc::rlim_t,
+            };
+            // SAFETY: setrlimit with a valid rlimit struct.
+            if unsafe { libc::setrlimit(resource, &limit) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        if let Some(s) = self.cpu_seconds {
+            // SIGXCPU at the soft limit, SIGKILL a second later.
+            set(libc::RLIMIT_CPU, s, s.saturating_add(1))?;
+        }
+        if let Some(b) = self.address_space {
+            set(libc::RLIMIT_AS, b, b)?;
+        }
+        if let Some(n) = self.open_files {
+            set(libc::RLIMIT_NOFILE, n, n)?;
+        }
+        if let Some(b) = self.file_size {
+            set(libc::RLIMIT_FSIZE, b, b)?;
+        }
+        Ok(())
+    }
 }
 
 impl CommandSpec {
@@ -108,6 +158,7 @@ impl CommandSpec {
             permanent_exit: Vec::new(),
             worker_id: String::new(),
             keeper: None,
+            limits: Limits::default(),
         })
     }
 
@@ -178,6 +229,7 @@ impl CommandSpec {
             .process_group(0);
         let parent = std::process::id();
         let keeper = self.keeper.as_ref().map(|k| k.fd());
+        let limits = self.limits;
         // SAFETY: between fork and exec only async-signal-safe calls
         // (prctl, getppid, getpid, write) and no allocation.
         unsafe {
@@ -195,6 +247,7 @@ impl CommandSpec {
                 if libc::getppid() as u32 != parent {
                     return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
+                limits.apply()?;
                 // Tell the keeper about this group before the command runs,
                 // so no window is left in which the worker could die with
                 // the group unlisted. One short write to a pipe is atomic.

@@ -460,7 +460,7 @@ fn prepare(path: &Path, opts: &Options) -> Result<Connection> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !opts.create => {
             return Err(Error::Missing { path })
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_private(&path)?,
         Err(e) => {
             return Err(Error::BadPath {
                 path,
@@ -642,6 +642,28 @@ fn configure(conn: &mut Connection, synchronous: &str) -> rusqlite::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Creates an empty database file readable and writable by its owner only.
+/// SQLite gives the -wal and -shm files it creates the mode of the
+/// database file, so they are private too; to share a queue with a group,
+/// `chmod g+rw` the database file and its directory.
+fn create_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+    match created {
+        Ok(_) => Ok(()),
+        // Another process created it first: it is theirs to set up.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::BadPath {
+            path: path.to_path_buf(),
+            reason: format!("cannot create the database file: {e}"),
+        }),
+    }
 }
 
 /// Returns true if and only if this process may write `path` and create

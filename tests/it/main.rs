@@ -9,6 +9,7 @@ mod metrics;
 mod payloads;
 mod prometheus;
 mod run;
+mod security;
 mod shutdown;
 mod util;
 mod worker;
