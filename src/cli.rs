@@ -186,6 +186,11 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "BYTES", value_parser = size)]
     pub limit_file_size: Option<u64>,
 
+    /// Basic authentication (bcrypt) and TLS for the metrics endpoints, from
+    /// a file in the format of the Prometheus exporters' web config.
+    #[arg(long, value_name = "FILE")]
+    pub web_config: Option<PathBuf>,
+
     /// Where to serve /metrics and /healthz (default 127.0.0.1:0, a free
     /// port). A worker records its address in the workers table. Under
     /// `run` this is the supervisor's address (give a fixed port for
@@ -260,6 +265,10 @@ impl WorkerArgs {
         };
         opt("metrics-addr", format!("{ip}:0"));
         opt("idle-poll", d(self.idle_poll));
+        if let Some(path) = &self.web_config {
+            a.push("--web-config".into());
+            a.push(path.clone().into_os_string());
+        }
         for (on, flag) in [
             (self.follow, "--follow"),
             (self.stdin, "--stdin"),

@@ -11,7 +11,7 @@ use base64::Engine;
 
 use litework::exec::{CommandSpec, Keeper, Limits, PayloadMode};
 use litework::input::{Defaults, Format, Records};
-use litework::metrics::Exporter;
+use litework::metrics::{Exporter, WebConfig};
 use litework::queue::{self, AddReport, Backoff, ItemRow, NewItem, Queue, StatusReport};
 use litework::supervisor::{Supervisor, SupervisorConfig};
 use litework::worker::{Worker, WorkerConfig};
@@ -230,7 +230,8 @@ fn run(
     let targets = queue.clone();
     let discovery: litework::metrics::Discovery = Box::new(move || discovery(&targets));
     let registry = supervisor.metrics().registry().clone();
-    let exporter = Exporter::serve(addr, registry, Some(discovery))?;
+    let web = web_config(&args.worker)?;
+    let exporter = Exporter::serve(addr, registry, Some(discovery), web)?;
     let url = format!("http://{}", exporter.addr());
     tracing::info!(metrics = %format!("{url}/metrics"), sd = %format!("{url}/sd"), "serving");
 
@@ -360,6 +361,14 @@ impl Progress {
     }
 }
 
+/// The metrics endpoints' access settings, from `--web-config`.
+fn web_config(args: &WorkerArgs) -> litework::Result<WebConfig> {
+    match &args.web_config {
+        Some(path) => WebConfig::load(path),
+        None => Ok(WebConfig::default()),
+    }
+}
+
 /// The command runner `args` describe, checked.
 fn worker_spec(args: &WorkerArgs) -> litework::Result<CommandSpec> {
     let mode = match (args.stdin, args.shell) {
@@ -384,7 +393,7 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("finding the litework executable")?;
     spec.keeper = Some(std::sync::Arc::new(Keeper::start(&exe)?));
     let config = WorkerConfig {
-        id: args.worker_id,
+        id: args.worker_id.clone(),
         concurrency: args
             .concurrency
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -423,7 +432,8 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     };
     // Bound before any work starts: a busy port is a start-up error.
     let addr = args.metrics_addr.as_deref().unwrap_or("127.0.0.1:0");
-    let exporter = Exporter::serve(addr, worker.metrics().registry().clone(), None)?;
+    let registry = worker.metrics().registry().clone();
+    let exporter = Exporter::serve(addr, registry, None, web_config(&args)?)?;
     worker.advertise_metrics(exporter.addr());
     tracing::debug!(addr = %exporter.addr(), "serving metrics");
 

@@ -427,6 +427,119 @@ impl Collector for QueueCollector {
 /// Returns the Prometheus HTTP service-discovery document on request.
 pub type Discovery = Box<dyn Fn() -> String + Send + Sync>;
 
+/// Who may read the endpoints and over what, from a file in the format
+/// of the Prometheus exporters' web configuration:
+///
+/// ```yaml
+/// tls_server_config:
+///   cert_file: server.crt   # PEM; relative paths are relative to this file
+///   key_file: server.key
+/// basic_auth_users:
+///   prometheus: $2y$10$...  # bcrypt hash (htpasswd -nBC 10 "" | tr -d ':')
+/// ```
+///
+/// With users, `/metrics` and `/sd` need HTTP basic authentication;
+/// `/healthz` stays open for liveness probes and says nothing else.
+#[derive(Debug, Clone, Default)]
+pub struct WebConfig {
+    tls: Option<tiny_http::SslConfig>,
+    users: std::collections::HashMap<String, String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebFile {
+    tls_server_config: Option<TlsFile>,
+    #[serde(default)]
+    basic_auth_users: std::collections::HashMap<String, String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+impl WebConfig {
+    /// Reads and checks a web configuration file.
+    pub fn load(path: &std::path::Path) -> Result<WebConfig> {
+        let bad = |reason: String| Error::Config(format!("{}: {reason}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let file: WebFile = serde_yaml_ng::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        let read = |p: &PathBuf| {
+            let full = dir.join(p);
+            std::fs::read(&full).map_err(|e| bad(format!("{}: {e}", full.display())))
+        };
+        let tls = match &file.tls_server_config {
+            Some(t) => Some(tiny_http::SslConfig {
+                certificate: read(&t.cert_file)?,
+                private_key: read(&t.key_file)?,
+            }),
+            None => None,
+        };
+        for (user, hash) in &file.basic_auth_users {
+            if bcrypt::verify("", hash).is_err() {
+                return Err(bad(format!("basic_auth_users.{user}: not a bcrypt hash")));
+            }
+        }
+        Ok(WebConfig {
+            tls,
+            users: file.basic_auth_users,
+        })
+    }
+
+    /// Returns true if and only if the request may read protected pages.
+    fn allows(
+        &self,
+        request: &tiny_http::Request,
+        accepted: &std::sync::Mutex<Vec<String>>,
+    ) -> bool {
+        use base64::Engine;
+        if self.users.is_empty() {
+            return true;
+        }
+        let Some(value) = request
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Authorization"))
+            .map(|h| h.value.as_str().to_string())
+        else {
+            return false;
+        };
+        // bcrypt is slow on purpose; remember the headers already checked
+        // so that a scrape every few seconds does not cost a core.
+        let mut seen = accepted.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(&value) {
+            return true;
+        }
+        let Some(encoded) = value.strip_prefix("Basic ") else {
+            return false;
+        };
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+            return false;
+        };
+        let Ok(text) = String::from_utf8(decoded) else {
+            return false;
+        };
+        let Some((user, password)) = text.split_once(':') else {
+            return false;
+        };
+        let ok = self
+            .users
+            .get(user)
+            .is_some_and(|hash| bcrypt::verify(password, hash).unwrap_or(false));
+        if ok {
+            if seen.len() >= 16 {
+                seen.remove(0);
+            }
+            seen.push(value);
+        }
+        ok
+    }
+}
+
 /// The HTTP endpoint of one process: `/metrics`, `/healthz` and, on the
 /// supervisor, `/sd` (Prometheus HTTP service discovery). Bound when made,
 /// so a busy port fails start-up; stops when dropped.
@@ -437,9 +550,17 @@ pub struct Exporter {
 }
 
 impl Exporter {
-    pub fn serve(addr: &str, registry: Registry, discovery: Option<Discovery>) -> Result<Exporter> {
-        let server = tiny_http::Server::http(addr)
-            .map_err(|e| Error::Config(format!("metrics address {addr}: {e}")))?;
+    pub fn serve(
+        addr: &str,
+        registry: Registry,
+        discovery: Option<Discovery>,
+        web: WebConfig,
+    ) -> Result<Exporter> {
+        let server = match web.tls.clone() {
+            Some(tls) => tiny_http::Server::https(addr, tls),
+            None => tiny_http::Server::http(addr),
+        }
+        .map_err(|e| Error::Config(format!("metrics address {addr}: {e}")))?;
         let bound = match server.server_addr() {
             tiny_http::ListenAddr::IP(a) => a,
             #[allow(unreachable_patterns)]
@@ -454,8 +575,10 @@ impl Exporter {
         let thread = std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
+                let accepted = std::sync::Mutex::new(Vec::new());
                 for request in serving.incoming_requests() {
-                    respond(request, &registry, discovery.as_deref());
+                    let allowed = web.allows(&request, &accepted);
+                    respond(request, &registry, discovery.as_deref(), allowed);
                 }
             })
             .map_err(|e| Error::Config(format!("cannot start the metrics thread: {e}")))?;
@@ -485,6 +608,7 @@ fn respond(
     request: tiny_http::Request,
     registry: &Registry,
     discovery: Option<&(dyn Fn() -> String + Send + Sync)>,
+    allowed: bool,
 ) {
     let header = |v: &str| {
         tiny_http::Header::from_bytes(&b"Content-Type"[..], v.as_bytes())
@@ -492,6 +616,19 @@ fn respond(
     };
     let path = request.url().split('?').next().unwrap_or("").to_string();
     let response = match (request.method(), path.as_str()) {
+        (tiny_http::Method::Get, "/healthz") => {
+            tiny_http::Response::from_string("ok\n").with_header(header("text/plain"))
+        }
+        _ if !allowed => {
+            let challenge = tiny_http::Header::from_bytes(
+                &b"WWW-Authenticate"[..],
+                &b"Basic realm=\"litework\""[..],
+            )
+            .unwrap_or_else(|()| panic!("constant header"));
+            tiny_http::Response::from_string("unauthorized\n")
+                .with_status_code(401)
+                .with_header(challenge)
+        }
         (tiny_http::Method::Get, "/metrics") => {
             let mut body = Vec::new();
             let encoder = TextEncoder::new();
@@ -502,9 +639,6 @@ fn respond(
                 Err(e) => tiny_http::Response::from_string(format!("encoding metrics: {e}"))
                     .with_status_code(500),
             }
-        }
-        (tiny_http::Method::Get, "/healthz") => {
-            tiny_http::Response::from_string("ok\n").with_header(header("text/plain"))
         }
         (tiny_http::Method::Get, "/sd") if discovery.is_some() => {
             let body = discovery.map(|d| d()).unwrap_or_default();

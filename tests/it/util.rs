@@ -594,13 +594,22 @@ impl Summary {
 /// GET `path` from `addr` over plain HTTP/1.0; returns the status code and
 /// the body.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http_get_with(addr, path, "")
+}
+
+/// [`http_get`] with extra header lines (each ending in `\r\n`).
+pub fn http_get_with(addr: &str, path: &str, headers: &str) -> (u16, String) {
     use std::io::Read;
     let mut stream =
         std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     stream
         .set_read_timeout(Some(DEADLINE))
         .expect("setting a read timeout");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("sending a request");
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}\r\n"
+    )
+    .expect("sending a request");
     let mut raw = String::new();
     stream.read_to_string(&mut raw).expect("reading a response");
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
