@@ -34,6 +34,9 @@ const HOSTILE_TEXT: &[&str] = &[
     "tab\there, carriage\rreturn, back\\slash",
     "naïve ☃ 🦀",
     "a > b | c & d < e; exit 9",
+    // SQL goes through bound parameters only: these are just text.
+    "'); DROP TABLE items; --",
+    "x' OR '1'='1",
 ];
 
 /// Bytes that are not UTF-8, added with `--format nul`.
