@@ -77,6 +77,9 @@ pub enum Command {
     RequeueStale(RequeueArgs),
     /// Write items and their results as JSON Lines or CSV.
     Export(ExportArgs),
+    /// Load and fault tests. `--chaos`: kill workers and the supervisor
+    /// during a run and verify that nothing was lost or recorded twice.
+    Bench(BenchArgs),
     /// Internal: started by each worker to kill its items' process groups
     /// if the worker dies.
     #[command(hide = true)]
@@ -328,6 +331,38 @@ pub enum ProgressMode {
     Bar,
     Log,
     None,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Kill a random worker every --kill-every and the supervisor once,
+    /// then verify every item is done exactly once.
+    #[arg(long)]
+    pub chaos: bool,
+
+    /// Items in the batch.
+    #[arg(long, default_value_t = 20_000)]
+    pub items: usize,
+
+    /// Worker processes.
+    #[arg(short = 'w', long, default_value_t = 4)]
+    pub workers: usize,
+
+    /// Items at once per worker.
+    #[arg(short = 'c', long, default_value_t = 2)]
+    pub concurrency: usize,
+
+    /// Mean time between worker kills (jittered by ±50%).
+    #[arg(long, value_parser = duration, default_value = "300ms")]
+    pub kill_every: Duration,
+
+    /// Keep the queue and logs in this directory instead of a temporary one.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+
+    /// One JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

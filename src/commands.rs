@@ -65,6 +65,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Retry(args) => retry(open(false)?, args),
         Command::RequeueStale(args) => requeue(open(false)?, args),
         Command::Export(args) => export(open(false)?, args),
+        Command::Bench(args) => crate::bench::bench(args),
         Command::KeepGroups => {
             litework::exec::keep_groups(std::io::stdin().lock());
             Ok(ExitCode::SUCCESS)

@@ -120,6 +120,12 @@ impl<R: BufRead> Records<R> {
             if self.format != Format::Nul && self.buf.last() == Some(&b'\r') {
                 self.buf.pop();
             }
+            // The reader bounds memory with some slack for the delimiter;
+            // the limit itself applies to the record as stored.
+            if self.buf.len() > self.defaults.max_record {
+                let limit = self.defaults.max_record;
+                return Err(self.error(format!("record longer than the {limit}-byte limit")));
+            }
             if self.buf.is_empty() {
                 continue;
             }

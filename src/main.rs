@@ -1,6 +1,7 @@
 //! The `litework` binary: parse, set up logging, dispatch, map errors to
 //! exit statuses (documented in `litework --help` and the README).
 
+mod bench;
 mod cli;
 mod commands;
 

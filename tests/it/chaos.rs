@@ -32,21 +32,14 @@ fn is_our_worker(sb: &Sandbox, pid: i32) -> bool {
 }
 
 fn start_run(sb: &Sandbox) -> Running {
-    sb.lw([
-        "run",
-        "-i",
-        "items.txt",
-        "-w",
-        "4",
-        "-c",
-        "2",
-        "--lease",
-        "5s",
-    ])
-    .args(["--metrics-addr", "127.0.0.1:0", "--progress", "none"])
-    .args(["--restart-backoff", "10ms", "--max-attempts", "1000"])
-    .args(["--shell", "--", r#"echo "$LITEWORK_ITEM_ID" >> "$DIR/ran""#])
-    .spawn()
+    // Short leases and sweeps: a worker killed just before the supervisor
+    // dies unseen, and only its lease expiring frees its items.
+    sb.lw(["run", "-i", "items.txt", "-w", "4", "-c", "2"])
+        .args(["--lease", "2s", "--sweep-interval", "500ms"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--progress", "none"])
+        .args(["--restart-backoff", "10ms", "--max-attempts", "1000"])
+        .args(["--shell", "--", r#"echo "$LITEWORK_ITEM_ID" >> "$DIR/ran""#])
+        .spawn()
 }
 
 #[test]
@@ -134,4 +127,22 @@ fn every_item_is_done_exactly_once_whatever_is_killed() {
     assert_eq!(runs.len(), ITEMS, "every item ran");
     let extra: usize = runs.values().map(|n| n - 1).sum();
     eprintln!("chaos: {kills} workers and the supervisor killed; {extra} extra runs");
+}
+
+#[test]
+fn bench_chaos_runs_the_kill_and_verify_loop_and_reports() {
+    let sb = Sandbox::new();
+    let out = sb
+        .bare()
+        .args(["bench", "--chaos", "--items", "400", "-w", "2"])
+        .args(["--kill-every", "100ms"])
+        .args(["--json", "--dir"])
+        .arg(sb.path("chaos"))
+        .run();
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("bench --json prints one JSON object");
+    assert_eq!(report["passed"], true, "{report}");
+    assert_eq!(report["done"], 400);
+    assert_eq!(report["integrity"], "ok");
+    assert_eq!(report["supervisor_killed"], true);
 }

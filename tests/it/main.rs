@@ -5,6 +5,7 @@
 mod chaos;
 mod cli;
 mod database;
+mod faults;
 mod input;
 mod metrics;
 mod payloads;

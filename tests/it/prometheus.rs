@@ -257,14 +257,18 @@ fn prometheus_discovers_a_run_counts_every_item_and_fills_every_panel() {
     wait_until("every item is done", long, || {
         sb.count("done") == ITEMS as i64
     });
-    let done = "sum(litework_items_finished_total{outcome=\"done\"})";
-    wait_until("Prometheus has the final counters", long, || {
-        scalar(&query(&web, done)) == Some(ITEMS as f64)
-    });
-    let claimed = scalar(&query(&web, "sum(litework_items_claimed_total)"));
-    assert_eq!(claimed, Some(ITEMS as f64));
-    let queued = scalar(&query(&web, "litework_queue_items{status=\"done\"}"));
-    assert_eq!(queued, Some(ITEMS as f64));
+    // Workers and supervisor are scraped at their own moments: wait until
+    // the last scrape of each has the final state, and every count agrees
+    // with the number of items.
+    for promql in [
+        "sum(litework_items_finished_total{outcome=\"done\"})",
+        "sum(litework_items_claimed_total)",
+        "litework_queue_items{status=\"done\"}",
+    ] {
+        wait_until(&format!("Prometheus has {promql} = {ITEMS}"), long, || {
+            scalar(&query(&web, promql)) == Some(ITEMS as f64)
+        });
+    }
 
     // Every panel draws something over the run. Rates need two scrapes
     // after the first sample, so look again until the deadline and name

@@ -1,0 +1,522 @@
+//! Faults from outside the queue: a worker frozen past its lease, a disk
+//! that fills up under a running worker, and input, filters, commands and
+//! files that must be refused before anything changes.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::util::{
+    http_get, process_gone, read_pid, summary, wait_until, Item, Running, Sandbox, BLOCK_UNTIL_GO,
+    DEADLINE,
+};
+
+/// `db` with `suffix` appended: its `-wal` or `-shm` file.
+fn sidecar(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// A filesystem mounted for one test. Dropping it unmounts it, also when
+/// the test fails; lazily, so a process still inside cannot keep it.
+struct Mount {
+    at: PathBuf,
+}
+
+impl Mount {
+    /// Runs `mount ARGS AT`, to be undone when dropped.
+    fn new(args: &[&str], at: &Path) -> Result<Mount, String> {
+        mount(args, at)?;
+        Ok(Mount {
+            at: at.to_path_buf(),
+        })
+    }
+
+    /// Makes `dir` read-only for everyone, root included, by binding it
+    /// onto itself and remounting the binding read-only.
+    fn read_only(dir: &Path) -> Result<Mount, String> {
+        let source = dir.to_str().expect("the sandbox path is UTF-8");
+        let bound = Mount::new(&["--bind", source], dir)?;
+        // The same mount, changed: dropping `bound` still takes it away.
+        mount(&["-o", "remount,ro,bind"], dir)?;
+        Ok(bound)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        // No panic here: this may run while a failed test unwinds.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.at)
+            .status();
+    }
+}
+
+/// Runs `mount ARGS AT`; `Err` carries what mount printed.
+fn mount(args: &[&str], at: &Path) -> Result<(), String> {
+    let out = std::process::Command::new("mount")
+        .args(args)
+        .arg(at)
+        .output()
+        .map_err(|e| format!("cannot run mount: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mount {} {}: {}: {}",
+            args.join(" "),
+            at.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// The one-letter state of each thread of `pid` (R, S, D, T...).
+fn thread_states(pid: i32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+        .filter_map(|stat| {
+            // The state follows the command name, which is in parentheses.
+            let (_, rest) = stat.rsplit_once(')')?;
+            Some(rest.split_whitespace().next()?.to_string())
+        })
+        .collect()
+}
+
+/// Returns true if and only if process `pid` holds SQLite's WAL write lock
+/// on the database whose shared-memory file is `shm`: a POSIX write lock
+/// on byte 120 of that file, as `/proc/locks` lists it.
+fn holds_write_lock(pid: i32, shm: &Path) -> bool {
+    const WAL_WRITE_LOCK: u64 = 120;
+    let inode = std::fs::metadata(shm)
+        .unwrap_or_else(|e| panic!("{}: {e}", shm.display()))
+        .ino()
+        .to_string();
+    let pid = pid.to_string();
+    let locks = std::fs::read_to_string("/proc/locks").expect("reading /proc/locks");
+    locks.lines().any(|line| {
+        // `N: POSIX ADVISORY WRITE PID MAJ:MIN:INODE START END`; a lock
+        // being waited for has an extra `->` and is not held.
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let covers = |start: &str, end: &str| {
+            start.parse::<u64>().is_ok_and(|s| s <= WAL_WRITE_LOCK)
+                && (end == "EOF" || end.parse::<u64>().is_ok_and(|e| e >= WAL_WRITE_LOCK))
+        };
+        f.len() == 8
+            && f[1] == "POSIX"
+            && f[3] == "WRITE"
+            && f[4] == pid
+            && f[5].rsplit(':').next() == Some(inode.as_str())
+            && covers(f[6], f[7])
+    })
+}
+
+/// Stops `worker` with SIGSTOP at a moment it holds no write transaction
+/// on the sandbox's queue. Frozen inside one, it would keep every other
+/// process from writing at all, which is not what these tests are about.
+fn freeze_outside_a_transaction(sb: &Sandbox, worker: &Running) {
+    let shm = sidecar(sb.db(), "-shm");
+    let what = "the worker is stopped outside a write transaction";
+    wait_until(what, DEADLINE, || {
+        worker.signal(libc::SIGSTOP);
+        wait_until("every thread of the worker has stopped", DEADLINE, || {
+            let states = thread_states(worker.pid());
+            !states.is_empty() && states.iter().all(|s| s == "T" || s == "t")
+        });
+        if holds_write_lock(worker.pid(), &shm) {
+            worker.signal(libc::SIGCONT);
+            return false;
+        }
+        true
+    });
+}
+
+/// Worker A's item: records its pid, marks itself started, blocks until
+/// the test creates `$DIR/go-A`, then marks that it got that far and
+/// answers.
+const ITEM_OF_A: &str = r#"echo $$ > "$DIR/pid-A"
+touch "$DIR/started-A"
+while [ ! -e "$DIR/go-A" ] && [ -d "$DIR" ]; do sleep 0.05; done
+touch "$DIR/answered-A"
+printf 'from A'"#;
+
+/// Where both frozen-worker tests start from: worker A was stopped while
+/// running the only item, and worker B swept A's expired lease, ran the
+/// item again and recorded it. Returns A, the pid of A's item (still
+/// running, blocked on `go-A`), and the item as B left it.
+fn frozen_worker_overtaken(sb: &Sandbox) -> (Running, i32, Item) {
+    sb.add("lines", "the-item\n", &[]);
+    // A sweeps once at start and then not for an hour: only B may take
+    // A's lease back.
+    let a = sb
+        .lw(["worker", "-c", "1", "--lease", "1s"])
+        .args(["--sweep-interval", "1h", "--worker-id", "A"])
+        .args(["--shell", "--", ITEM_OF_A])
+        .spawn();
+    wait_until("A's item has started", DEADLINE, || {
+        sb.path("started-A").exists()
+    });
+    let item_pid = read_pid(&sb.path("pid-A"));
+    freeze_outside_a_transaction(sb, &a);
+    let held = sb.only_item();
+    assert_eq!(
+        (held.status.as_str(), held.lease_owner.as_deref()),
+        ("running", Some("A")),
+        "{held:?}"
+    );
+
+    // Stopped, A cannot extend its lease; B's sweep takes the item back
+    // once the lease has expired, and B runs it.
+    let b = sb
+        .lw(["worker", "-c", "1", "--sweep-interval", "100ms"])
+        .args(["--worker-id", "B", "--shell", "--", "printf 'from B'"])
+        .spawn();
+    wait_until("B has recorded the item as done", DEADLINE, || {
+        let item = sb.only_item();
+        item.status == "done" && item.result.as_deref() == Some(&b"from B"[..])
+    });
+    let b = b.wait(0);
+    assert_eq!(summary(&b.stderr).counts(), (1, 0, 0, 0, 0));
+    let after_b = sb.only_item();
+    assert_eq!(after_b.attempts, 2, "A's attempt and B's: {after_b:?}");
+    assert_eq!(after_b.lease_owner, None, "{after_b:?}");
+    assert!(!process_gone(item_pid), "A's item still runs");
+    (a, item_pid, after_b)
+}
+
+/// A, running again, finds its lease gone and stops; the queue must be
+/// exactly as B left it, with A's attempt in the history as lost.
+fn assert_a_changed_nothing(sb: &Sandbox, mut a: Running, after_b: &Item) {
+    wait_until("A notices it lost its lease", DEADLINE, || {
+        a.stderr_so_far().contains("lease lost")
+    });
+    // With nothing left to run A stops by itself; a SIGTERM makes sure.
+    if !a.exited() {
+        a.signal(libc::SIGTERM);
+    }
+    let out = a.wait(0);
+    let s = summary(&out.stderr);
+    assert_eq!(
+        (s.worker.as_str(), s.counts()),
+        ("A", (0, 0, 0, 1, 0)),
+        "{}",
+        out.report("A should count one lost lease and nothing else")
+    );
+
+    assert_eq!(
+        sb.only_item(),
+        *after_b,
+        "A's late outcome must not touch the row"
+    );
+    let history = sb.attempts();
+    assert_eq!(history.len(), 1, "{history:#?}");
+    let lost = &history[0];
+    assert_eq!(
+        (lost.attempt, lost.worker.as_deref(), lost.outcome.as_str()),
+        (1, Some("A"), "lost"),
+        "{lost:?}"
+    );
+
+    // Recorded once: one outcome counted, to B; one item done.
+    let conn = sb.conn();
+    let mut stmt = conn
+        .prepare("SELECT id, finished, status FROM workers ORDER BY id")
+        .unwrap();
+    let workers: Vec<(String, i64, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    let row = |id: &str, finished, status: &str| (id.to_string(), finished, status.to_string());
+    assert_eq!(workers, [row("A", 0, "stopped"), row("B", 1, "stopped")]);
+    let kept: (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT n FROM counts WHERE status = 'done'),
+                    (SELECT sum(done) FROM throughput)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(kept, (1, 1), "(done items, done in throughput)");
+}
+
+#[test]
+fn paused_worker_loses_its_lease_and_its_late_result_changes_nothing() {
+    let sb = Sandbox::new();
+    let (a, item_pid, after_b) = frozen_worker_overtaken(&sb);
+    // A's item answers while A is still stopped, so A wakes up holding a
+    // result it no longer has the right to record.
+    std::fs::write(sb.path("go-A"), "").unwrap();
+    wait_until("A's item has answered and exited", DEADLINE, || {
+        process_gone(item_pid)
+    });
+    assert!(sb.path("answered-A").exists());
+    a.signal(libc::SIGCONT);
+    assert_a_changed_nothing(&sb, a, &after_b);
+}
+
+#[test]
+fn paused_worker_that_wakes_to_a_lost_lease_kills_its_item() {
+    let sb = Sandbox::new();
+    let (a, item_pid, after_b) = frozen_worker_overtaken(&sb);
+    // Its item still waits for go-A, which never comes: only A's kill
+    // can end it.
+    a.signal(libc::SIGCONT);
+    wait_until("A kills its item", DEADLINE, || process_gone(item_pid));
+    assert!(
+        !sb.path("answered-A").exists(),
+        "the item must have been killed, not let finish"
+    );
+    assert_a_changed_nothing(&sb, a, &after_b);
+}
+
+/// Writes zeros to `path` until its filesystem has no room left.
+fn fill(path: &Path) {
+    let mut file = File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let page = [0u8; 4096];
+    loop {
+        match file.write(&page) {
+            Ok(n) if n > 0 => {}
+            Ok(_) => panic!("{}: write returned 0", path.display()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return,
+            Err(e) => panic!("{}: {e}", path.display()),
+        }
+    }
+}
+
+/// The value of `series` (a metric name, with labels if any) in what the
+/// worker at `addr` serves on /metrics.
+fn metric(addr: &str, series: &str) -> Option<f64> {
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+#[ignore = "needs root to mount a tmpfs; .ci/run runs it"]
+fn disk_full_is_a_clear_error_and_processing_resumes_when_room_returns() {
+    let sb = Sandbox::new();
+    // The whole sandbox, queue and marker files, on a 2 MiB tmpfs. Declared
+    // after the sandbox, so it is unmounted before the sandbox is removed.
+    let args = ["-t", "tmpfs", "-o", "size=2m", "litework-test"];
+    let _tmpfs = Mount::new(&args, sb.dir()).unwrap_or_else(|e| panic!("{e}"));
+    let payloads: String = (1..=8).map(|n| format!("item-{n}\n")).collect();
+    sb.add("lines", payloads, &[]);
+
+    // The worker starts while there is room (it registers, and SQLite sets
+    // up its -wal and -shm files); its first two items wait for `go`, and
+    // their 20 kB results need pages the full disk will not have.
+    let answer = r"head -c 20000 /dev/zero | tr '\0' x";
+    let script = format!("{BLOCK_UNTIL_GO}\n{answer}");
+    let mut worker = sb
+        .lw(["worker", "-c", "2", "--worker-id", "W"])
+        .args(["--shell", "--", &script])
+        .spawn();
+    wait_until("two items have started", DEADLINE, || {
+        sb.files_starting_with("started-").len() == 2
+    });
+    let addr: String = sb
+        .conn()
+        .query_row("SELECT metrics_addr FROM workers WHERE id = 'W'", [], |r| {
+            r.get(0)
+        })
+        .expect("the worker registered its metrics address");
+    let in_flight = || metric(&addr, "litework_items_in_flight");
+    wait_until("the worker counts two items in flight", DEADLINE, || {
+        in_flight() == Some(2.0)
+    });
+
+    let filler = sb.path("filler");
+    fill(&filler);
+
+    // Adding to the full disk is a failure (3), not bad input, says so,
+    // and adds nothing.
+    let before = sb.items();
+    let refused = sb.lw(["add"]).stdin("late-item\n").run_expect(3);
+    refused.assert_stderr_has("full");
+    assert_eq!(sb.items(), before, "a refused add adds nothing");
+
+    std::fs::write(sb.path("go"), "").unwrap();
+    wait_until(
+        "the worker holds both outcomes and says the disk is full",
+        DEADLINE,
+        || in_flight() == Some(0.0) && worker.stderr_so_far().contains("database or disk is full"),
+    );
+    assert!(!worker.exited(), "the worker must wait out a full disk");
+    let started = sb.files_starting_with("started-");
+    assert_eq!(started, ["started-1", "started-2"]);
+    for item in sb.items() {
+        let want = if item.id <= 2 {
+            ("running", Some("W"), 1)
+        } else {
+            ("pending", None, 0)
+        };
+        let got = (
+            item.status.as_str(),
+            item.lease_owner.as_deref(),
+            item.attempts,
+        );
+        assert_eq!(got, want, "not recorded yet, not lost: {item:?}");
+        assert_eq!(item.result, None, "{item:?}");
+    }
+    assert_eq!(sb.attempts(), []);
+
+    std::fs::remove_file(&filler).unwrap();
+    let out = worker.wait(0);
+    assert_eq!(summary(&out.stderr).counts(), (8, 0, 0, 0, 0));
+    assert!(
+        !out.stderr.contains("database is locked"),
+        "{}",
+        out.report("a full disk is not a lock")
+    );
+    let full = vec![b'x'; 20_000];
+    for item in sb.items() {
+        let got = (item.status.as_str(), item.attempts, &item.lease_owner);
+        assert_eq!(got, ("done", 1, &None), "item {}", item.id);
+        let whole = item.result.as_deref() == Some(&full[..]);
+        assert!(whole, "item {}: result is not the 20 kB answer", item.id);
+    }
+    assert_eq!(sb.attempts(), []);
+    let check: String = sb
+        .conn()
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
+/// Far past the 16 MiB default of `--max-record`: the line is refused by
+/// number as soon as the limit is passed, without keeping it whole.
+#[test]
+fn line_of_100_megabytes_is_refused_naming_the_line_and_the_limit() {
+    let sb = Sandbox::new();
+    sb.add("lines", "existing\n", &[]);
+    let before = sb.items();
+    let path = sb.path("huge.txt");
+    {
+        let mut file = File::create(&path).unwrap();
+        file.write_all(b"ok-1\nok-2\n").unwrap();
+        let mebibyte = vec![b'a'; 1 << 20];
+        for _ in 0..100 {
+            file.write_all(&mebibyte).unwrap();
+        }
+        file.write_all(b"\nafter\n").unwrap();
+    }
+    let out = sb.lw(["add"]).arg(&path).run_expect(2);
+    out.assert_stderr_has("huge.txt: line 3: ");
+    out.assert_stderr_has("16777216-byte limit");
+    assert_eq!(sb.items(), before, "nothing of the input is added");
+}
+
+/// `--max-record N` is the longest record accepted: one byte more is
+/// refused, whatever ends the record.
+#[test]
+fn record_one_byte_over_max_record_is_refused() {
+    let sb = Sandbox::new();
+    sb.add("lines", "existing\n", &[]);
+    let before = sb.items();
+    let cases: [(&str, &[u8]); 4] = [
+        ("lines", b"abcd\nabcde\n"),
+        ("lines", b"abcd\r\nabcde\r\n"),
+        ("lines", b"abcd\nabcde"),
+        ("nul", b"abcd\0abcde\0"),
+    ];
+    for (format, input) in cases {
+        let out = sb
+            .lw(["add", "--max-record", "4", "--format", format])
+            .stdin(input)
+            .run_expect(2);
+        out.assert_stderr_has("line 2: ");
+        out.assert_stderr_has("4-byte limit");
+        assert_eq!(sb.items(), before, "{format} {input:?}");
+    }
+}
+
+#[test]
+fn unknown_status_filter_is_refused_naming_the_accepted_values() {
+    let sb = Sandbox::new();
+    sb.add("lines", "x\n", &[]);
+    for verb in ["list", "export"] {
+        let out = sb.lw([verb, "--status", "finished"]).run_expect(2);
+        out.assert_stderr_has("\"finished\"");
+        out.assert_stderr_has("pending, running, done or failed");
+        assert!(out.stdout.is_empty(), "{}", out.report("printed items"));
+    }
+}
+
+/// The program is checked once, before the worker registers or claims:
+/// a path to nothing, or to a file that cannot be executed, and `run`
+/// refuses it before adding its input. (A bare name missing from PATH is
+/// in cli.rs.)
+#[test]
+fn command_that_cannot_run_is_refused_before_anything_is_claimed() {
+    let sb = Sandbox::new();
+    sb.add("lines", "a\nb\n", &[]);
+    let before = sb.items();
+    let plain = sb.write("plain.sh", "#!/bin/sh\necho hello\n");
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    sb.write("more.txt", "c\nd\n");
+
+    let cases: [&[&str]; 3] = [
+        &["worker", "--", "./no-such-tool"],
+        &["worker", "--", "./plain.sh"],
+        &["run", "--input", "more.txt", "--", "./no-such-tool"],
+    ];
+    for args in cases {
+        let out = sb.lw(args).run_expect(2);
+        out.assert_stderr_has(&format!("{}: ", args[args.len() - 1]));
+        out.assert_stderr_has("executable");
+    }
+    assert_eq!(sb.items(), before, "nothing claimed, nothing added");
+    let workers: i64 = sb
+        .conn()
+        .query_row("SELECT count(*) FROM workers", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(workers, 0, "no worker registered");
+}
+
+/// A database litework cannot write is refused by every verb before
+/// SQLite creates a -wal or -shm file beside it. Root ignores mode bits,
+/// so as root the sandbox is remounted read-only instead of chmod 0444.
+#[test]
+fn read_only_database_is_refused_saying_so() {
+    let sb = Sandbox::new();
+    sb.add("lines", "a\n", &[]);
+    let before = sb.items();
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let read_only = if unsafe { libc::geteuid() } == 0 {
+        match Mount::read_only(sb.dir()) {
+            Ok(mount) => Some(mount),
+            // Root in a container without CAP_SYS_ADMIN: nothing can make a
+            // file read-only for it. Any other failure is the test's own.
+            Err(e) if e.to_lowercase().contains("permission denied") => {
+                eprintln!("skipped: root, and not allowed to mount: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    } else {
+        let mode = std::fs::Permissions::from_mode(0o444);
+        std::fs::set_permissions(sb.db(), mode).unwrap();
+        None
+    };
+
+    let verbs: [&[&str]; 3] = [&["status"], &["add"], &["worker", "--", "true"]];
+    for verb in verbs {
+        let out = sb.lw(verb).stdin("b\n").run_expect(2);
+        out.assert_stderr_has(&format!("{}: ", sb.db().display()));
+        out.assert_stderr_has("read-only");
+    }
+    drop(read_only);
+    assert_eq!(sb.items(), before);
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let path = sidecar(sb.db(), suffix);
+        assert!(!path.exists(), "{} was created", path.display());
+    }
+}
