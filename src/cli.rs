@@ -34,6 +34,11 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub durable: bool,
 
+    /// Open a database on a network filesystem (NFS, SMB, ...) anyway. Only
+    /// safe if every litework process runs on the same machine.
+    #[arg(long, global = true)]
+    pub allow_network_fs: bool,
+
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = ArgAction::Count)]
     pub verbose: u8,

@@ -32,6 +32,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let opts = |create: bool| queue::Options {
         create,
         durable: cli.durable,
+        allow_network_fs: cli.allow_network_fs,
         ..queue::Options::default()
     };
     let open = |create: bool| Queue::open_with(&cli.db, &opts(create));
@@ -145,7 +146,7 @@ fn add_to_new(
     // The staging file is written through one plain connection, closed and
     // out of WAL mode before it is linked: SQLite finds -wal and -shm files
     // by name but shares locks by inode, so no connection to it may stay.
-    let report = Queue::stage(&staging, records, max_attempts)?;
+    let report = Queue::stage(&staging, records, max_attempts, opts)?;
     // link(2) fails if `db` exists: the rename that cannot replace.
     let result = match std::fs::hard_link(&staging, db) {
         Ok(()) => Ok(report),
@@ -163,6 +164,9 @@ fn global_args(cli: &Cli) -> Vec<OsString> {
     let mut a: Vec<OsString> = vec!["--db".into(), cli.db.clone().into_os_string()];
     if cli.durable {
         a.push("--durable".into());
+    }
+    if cli.allow_network_fs {
+        a.push("--allow-network-fs".into());
     }
     if cli.quiet {
         a.push("--quiet".into());

@@ -43,6 +43,14 @@ pub enum Error {
         hint: &'static str,
     },
 
+    /// The file is on a network filesystem, where WAL mode is not safe.
+    #[error(
+        "{path}: on a network filesystem ({kind}); SQLite's WAL mode needs a local one \
+         (its shared memory and locks do not work across machines); move the queue, or \
+         pass --allow-network-fs if every process runs on one machine"
+    )]
+    NetworkFs { path: PathBuf, kind: &'static str },
+
     /// The linked SQLite lacks a feature litework relies on.
     #[error("SQLite {found} is too old: litework needs {needed} or newer")]
     OldSqlite { found: String, needed: &'static str },
@@ -148,6 +156,7 @@ impl Error {
                 | Error::NotLitework { .. }
                 | Error::NewerSchema { .. }
                 | Error::NotWal { .. }
+                | Error::NetworkFs { .. }
                 | Error::ReadOnly { .. }
                 | Error::Input { .. }
                 | Error::InputIo { .. }

@@ -50,6 +50,8 @@ pub struct Options {
     pub busy_timeout: Duration,
     /// Most connections the pool holds.
     pub pool_size: u32,
+    /// Open a file on a network filesystem anyway (see [`network_fs`]).
+    pub allow_network_fs: bool,
 }
 
 impl Default for Options {
@@ -59,6 +61,7 @@ impl Default for Options {
             durable: false,
             busy_timeout: Duration::from_secs(60),
             pool_size: 4,
+            allow_network_fs: false,
         }
     }
 }
@@ -412,13 +415,18 @@ impl Queue {
     /// out of WAL mode, so it is whole by itself) before this returns: the
     /// file can then be linked to another name safely. If any item is an
     /// error, the file is removed and the error returned.
-    pub fn stage<I>(path: &Path, items: I, default_max_attempts: u32) -> Result<AddReport>
+    pub fn stage<I>(
+        path: &Path,
+        items: I,
+        default_max_attempts: u32,
+        opts: &Options,
+    ) -> Result<AddReport>
     where
         I: IntoIterator<Item = Result<NewItem>>,
     {
         let opts = Options {
             create: true,
-            ..Options::default()
+            ..opts.clone()
         };
         let result = prepare(path, &opts).and_then(|mut conn| {
             configure(&mut conn, "NORMAL").map_err(|e| Error::sqlite(path, e))?;
@@ -466,6 +474,12 @@ fn prepare(path: &Path, opts: &Options) -> Result<Connection> {
                 path,
                 reason: e.to_string(),
             })
+        }
+    }
+
+    if !opts.allow_network_fs {
+        if let Some(kind) = network_fs(&path) {
+            return Err(Error::NetworkFs { path, kind });
         }
     }
 
@@ -642,6 +656,45 @@ fn configure(conn: &mut Connection, synchronous: &str) -> rusqlite::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The network filesystem `path` (or its directory) is on, if it is on one.
+///
+/// SQLite's WAL mode keeps its index in shared memory, which processes on
+/// different machines do not share, and network filesystems implement the
+/// locks it relies on loosely if at all: a queue there can lose or double
+/// items. Recognised by `statfs(2)` type: NFS, SMB/CIFS, 9P, Ceph, AFS.
+pub fn network_fs(path: &Path) -> Option<&'static str> {
+    use std::os::unix::ffi::OsStrExt;
+    let probe = if path.exists() {
+        path
+    } else {
+        match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        }
+    };
+    let c = std::ffi::CString::new(probe.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statfs fills the zeroed struct for a NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    filesystem_kind(st.f_type as i64)
+}
+
+/// Names the network filesystems among `statfs` magic numbers.
+fn filesystem_kind(magic: i64) -> Option<&'static str> {
+    match magic {
+        0x6969 => Some("NFS"),
+        0x517B => Some("SMB"),
+        0xFF53_4D42 => Some("CIFS"),
+        0xFE53_4D42 => Some("SMB2"),
+        0x0102_1997 => Some("9P"),
+        0x00C3_6400 => Some("Ceph"),
+        0x5346_414F => Some("AFS"),
+        _ => None,
+    }
 }
 
 /// Creates an empty database file readable and writable by its owner only.

@@ -369,3 +369,14 @@ fn newer_schema_and_foreign_files_are_refused_untouched() {
     assert_eq!(std::fs::read(&foreign).unwrap(), before);
     assert!(!dir.path().join("foreign.db-wal").exists());
 }
+
+#[test]
+fn network_filesystems_are_recognised_by_their_statfs_type() {
+    assert_eq!(filesystem_kind(0x6969), Some("NFS"));
+    assert_eq!(filesystem_kind(0xFF53_4D42), Some("CIFS"));
+    // ext4 and tmpfs are local.
+    assert_eq!(filesystem_kind(0xEF53), None);
+    assert_eq!(filesystem_kind(0x0102_1994), None);
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(network_fs(&dir.path().join("q.db")), None);
+}
