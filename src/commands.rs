@@ -143,9 +143,9 @@ fn add_to_new(
         fastrand::u32(..)
     ));
     let staging = db.with_file_name(name);
-    // The staging file is written through one plain connection, closed and
-    // out of WAL mode before it is linked: SQLite finds -wal and -shm files
-    // by name but shares locks by inode, so no connection to it may stay.
+    // The staging file is written through one plain connection, checkpointed
+    // and closed before it is linked: SQLite finds -wal and -shm files by
+    // name but shares locks by inode, so no connection to it may stay.
     let report = Queue::stage(&staging, records, max_attempts, opts)?;
     // link(2) fails if `db` exists: the rename that cannot replace.
     let result = match std::fs::hard_link(&staging, db) {

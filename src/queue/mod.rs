@@ -23,6 +23,12 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
 
 use crate::error::{Error, Result};
 
+/// The size the WAL file is cut back to when SQLite starts it over after
+/// a checkpoint. In steady state the WAL stays near the auto-checkpoint
+/// size (1000 pages, ~4 MiB) and this never bites; after a long-lived
+/// reader held checkpoints back and the WAL grew, it shrinks to this.
+pub const JOURNAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
+
 /// RETURNING, used by claims and requeues, arrived in SQLite 3.35.0.
 const MIN_SQLITE: i32 = 3_035_000;
 
@@ -411,10 +417,11 @@ impl Queue {
     }
 
     /// Writes `items` to a new queue file at `path`, which must not exist,
-    /// through one plain connection that is closed (and the file switched
-    /// out of WAL mode, so it is whole by itself) before this returns: the
-    /// file can then be linked to another name safely. If any item is an
-    /// error, the file is removed and the error returned.
+    /// through one plain connection that checkpoints the WAL into the file
+    /// and is closed before this returns (closing the last connection
+    /// removes the -wal and -shm files): the file is then whole by itself,
+    /// still in WAL mode, and can be linked to another name safely. If any
+    /// item is an error, the file is removed and the error returned.
     pub fn stage<I>(
         path: &Path,
         items: I,
@@ -431,7 +438,9 @@ impl Queue {
         let result = prepare(path, &opts).and_then(|mut conn| {
             configure(&mut conn, "NORMAL").map_err(|e| Error::sqlite(path, e))?;
             let report = add_in(&mut conn, path, items, default_max_attempts)?;
-            conn.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(()))
+            // Kept in WAL mode: a reader that opens the linked file before
+            // any litework does must not find a rollback journal there.
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
                 .map_err(|e| Error::sqlite(path, e))?;
             Ok(report)
         });
@@ -642,7 +651,7 @@ fn configure(conn: &mut Connection, synchronous: &str) -> rusqlite::Result<()> {
     conn.pragma_update(None, "foreign_keys", true)?;
     // After a checkpoint the WAL is cut back to this size instead of keeping
     // its high-water mark on disk.
-    conn.pragma_update(None, "journal_size_limit", 64i64 * 1024 * 1024)?;
+    conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
     conn.set_prepared_statement_cache_capacity(32);
     // The file was switched to WAL when it was opened; WAL is persistent, so
     // a connection that sees another mode means the file was changed behind

@@ -520,3 +520,61 @@ fn read_only_database_is_refused_saying_so() {
         assert!(!path.exists(), "{} was created", path.display());
     }
 }
+
+fn wal_size(sb: &Sandbox) -> u64 {
+    let mut name = sb.db().as_os_str().to_owned();
+    name.push("-wal");
+    std::fs::metadata(name).map_or(0, |m| m.len())
+}
+
+/// A reader that keeps one snapshot open (a long `sqlite3` session, a
+/// stuck export) holds checkpoints back and the WAL grows; once it goes,
+/// the next checkpoint lets SQLite start the WAL over and cut it back to
+/// the journal size limit.
+#[test]
+fn wal_grows_under_a_long_lived_reader_and_shrinks_once_it_goes() {
+    const LIMIT: u64 = 16 * 1024 * 1024;
+    let sb = Sandbox::new();
+    let batch = |from: usize| {
+        (from..from + 300)
+            .map(|i| format!("{i}\n"))
+            .collect::<String>()
+    };
+    sb.add("lines", batch(0), &[]);
+
+    let reader = crate::util::open_read_only(sb.db());
+    reader.execute_batch("BEGIN").expect("beginning a read");
+    let seen: i64 = reader
+        .query_row("SELECT count(*) FROM items", [], |r| r.get(0))
+        .expect("reading inside the snapshot");
+    assert_eq!(seen, 300);
+
+    // Each result is 64 KiB: 300 of them are about 19 MiB of WAL.
+    let worker = sb
+        .lw(["worker", "--follow", "-c", "2", "--idle-poll", "20ms"])
+        .args(["--shell", "--", "head -c 65536 /dev/zero | tr '\\0' x"])
+        .spawn();
+    wait_until("the first batch is done", DEADLINE, || {
+        sb.count("done") == 300
+    });
+    let grown = wal_size(&sb);
+    assert!(
+        grown > LIMIT,
+        "the WAL should grow past {LIMIT} under the reader: {grown}"
+    );
+
+    reader.execute_batch("COMMIT").expect("ending the read");
+    drop(reader);
+    sb.add("lines", batch(300), &[]);
+    wait_until("the second batch is done", DEADLINE, || {
+        sb.count("done") == 600
+    });
+    let after = wal_size(&sb);
+    assert!(
+        after <= LIMIT,
+        "the WAL should be cut back to {LIMIT}: {after} (was {grown})"
+    );
+
+    worker.signal(libc::SIGTERM);
+    worker.wait(0);
+}
