@@ -4,22 +4,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::util::{supervisor_addr, wait_until, Running, Sandbox, DEADLINE};
+use crate::util::{live_workers, supervisor_addr, wait_until, Running, Sandbox, DEADLINE};
 
 const ITEMS: usize = 3000;
-
-/// `(id, pid)` of the workers the database lists as running.
-fn live_workers(sb: &Sandbox) -> Vec<(String, i32)> {
-    let conn = sb.conn();
-    let mut stmt = conn
-        .prepare("SELECT id, pid FROM workers WHERE status = 'running'")
-        .expect("preparing the workers query");
-    let rows = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .expect("querying workers");
-    rows.collect::<rusqlite::Result<_>>()
-        .expect("reading workers")
-}
 
 /// Returns true if and only if `pid` is a litework worker on this test's
 /// database: a pid read from the table may belong to a worker that died

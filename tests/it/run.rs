@@ -1,19 +1,6 @@
 //! `litework run`: the supervisor, driven through the real binary.
 
-use crate::util::{process_gone, wait_until, Sandbox, BLOCK_UNTIL_GO, DEADLINE};
-
-/// `(id, pid)` of the workers the database lists as running.
-fn live_workers(sb: &Sandbox) -> Vec<(String, i32)> {
-    let conn = sb.conn();
-    let mut stmt = conn
-        .prepare("SELECT id, pid FROM workers WHERE status = 'running' ORDER BY started_at")
-        .expect("preparing the workers query");
-    let rows = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .expect("querying workers");
-    rows.collect::<rusqlite::Result<_>>()
-        .expect("reading workers")
-}
+use crate::util::{live_workers, process_gone, wait_until, Sandbox, BLOCK_UNTIL_GO, DEADLINE};
 
 /// Every pid a worker ever registered under.
 fn all_worker_pids(sb: &Sandbox) -> Vec<i32> {

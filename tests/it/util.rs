@@ -637,3 +637,16 @@ pub fn supervisor_addr(run: &Running) -> String {
     });
     addr
 }
+
+/// `(id, pid)` of the workers the database lists as running, oldest first.
+pub fn live_workers(sb: &Sandbox) -> Vec<(String, i32)> {
+    let conn = sb.conn();
+    let mut stmt = conn
+        .prepare("SELECT id, pid FROM workers WHERE status = 'running' ORDER BY started_at")
+        .expect("preparing the workers query");
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("querying workers");
+    rows.collect::<rusqlite::Result<_>>()
+        .expect("reading workers")
+}
