@@ -88,7 +88,12 @@ pub enum Command {
     /// Internal: started by each worker to kill its items' process groups
     /// if the worker dies.
     #[command(hide = true)]
-    KeepGroups,
+    KeepGroups {
+        /// Also kill processes started for this worker that were never
+        /// listed.
+        #[arg(long)]
+        worker_id: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

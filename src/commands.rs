@@ -67,8 +67,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::RequeueStale(args) => requeue(open(false)?, args),
         Command::Export(args) => export(open(false)?, args),
         Command::Bench(args) => crate::bench::bench(args),
-        Command::KeepGroups => {
-            litework::exec::keep_groups(std::io::stdin().lock());
+        Command::KeepGroups { worker_id } => {
+            litework::exec::keep_groups(std::io::stdin().lock(), worker_id.as_deref());
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -395,10 +395,16 @@ fn worker_spec(args: &WorkerArgs) -> litework::Result<CommandSpec> {
 
 fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let mut spec = worker_spec(&args)?;
+    let id = args
+        .worker_id
+        .clone()
+        .unwrap_or_else(litework::worker::new_worker_id);
     let exe = std::env::current_exe().context("finding the litework executable")?;
-    spec.keeper = Some(std::sync::Arc::new(Keeper::start(&exe)?));
+    let keeper = std::sync::Arc::new(Keeper::start(&exe, &id)?);
+    spec.keeper = Some(keeper.clone());
+    spec.worker_id = id.clone();
     let config = WorkerConfig {
-        id: args.worker_id.clone(),
+        id: Some(id),
         concurrency: args
             .concurrency
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -420,21 +426,7 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     if config.lease < std::time::Duration::from_millis(300) {
         return Err(litework::Error::Config("--lease must be at least 300ms".into()).into());
     }
-    let mut worker = {
-        let id = config
-            .id
-            .clone()
-            .unwrap_or_else(litework::worker::new_worker_id);
-        spec.worker_id = id.clone();
-        Worker::new(
-            queue,
-            WorkerConfig {
-                id: Some(id),
-                ..config
-            },
-            spec,
-        )
-    };
+    let mut worker = Worker::new(queue, config, spec);
     // Bound before any work starts: a busy port is a start-up error.
     let addr = args.metrics_addr.as_deref().unwrap_or("127.0.0.1:0");
     let registry = worker.metrics().registry().clone();
@@ -466,6 +458,7 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     .context("installing the SIGINT/SIGTERM handler")?;
 
     let report = worker.run(stop)?;
+    keeper.finish();
     if !args.supervised {
         eprintln!(
             "worker {}: {} done, {} retried, {} failed, {} lost leases, {} released",

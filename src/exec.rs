@@ -227,37 +227,15 @@ impl CommandSpec {
             // item started, and a Ctrl-C at the terminal reaches the worker
             // (which drains) rather than every item at once.
             .process_group(0);
-        let parent = std::process::id();
-        let keeper = self.keeper.as_ref().map(|k| k.fd());
-        let limits = self.limits;
-        // SAFETY: between fork and exec only async-signal-safe calls
-        // (prctl, getppid, getpid, write) and no allocation.
-        unsafe {
-            cmd.pre_exec(move || {
-                // If the worker dies (kill -9, OOM), the item's main process
-                // dies with it instead of running on unseen while another
-                // worker redoes it. Processes it started itself are not
-                // reached (nothing is left to kill their group). The signal
-                // is tied to this executor thread, which lives until the
-                // child has been reaped.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The worker may have died before prctl took effect.
-                if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                limits.apply()?;
-                // Tell the keeper about this group before the command runs,
-                // so no window is left in which the worker could die with
-                // the group unlisted. One short write to a pipe is atomic.
-                if let Some(fd) = keeper {
-                    let mut line = [0u8; 24];
-                    let n = group_line(b'+', libc::getpid(), &mut line);
-                    libc::write(fd, line.as_ptr().cast(), n);
-                }
-                Ok(())
-            });
+        if self.limits != Limits::default() {
+            let limits = self.limits;
+            // SAFETY: between fork and exec only setrlimit, no allocation.
+            // Only with limits: a pre_exec hook makes std fork the worker
+            // instead of using posix_spawn, which costs more per item than
+            // the rest of its round trip through the queue.
+            unsafe {
+                cmd.pre_exec(move || limits.apply());
+            }
         }
         match &job.key {
             Some(k) => cmd.env("LITEWORK_KEY", k),
@@ -288,6 +266,9 @@ impl CommandSpec {
             None
         };
         let group = child.id();
+        if let Some(k) = &self.keeper {
+            k.watch(group);
+        }
         let finished = wait_child(child, stdin, self.max_output, self.max_error, cancel);
         if let Some(k) = &self.keeper {
             k.forget(group);
@@ -613,14 +594,14 @@ fn join_words(words: &[OsString]) -> OsString {
 /// A small process that kills the process groups of running items if the
 /// worker dies without doing it (kill -9, OOM).
 ///
-/// The parent-death signal set on each item reaches only its main process;
-/// anything that process started in the background would run on unseen
-/// while another worker redoes the item. The keeper is `litework
-/// keep-groups`, started by the worker with a pipe on its standard input:
-/// each item's process writes `+PGID` itself between fork and exec (so the
-/// group is listed before the command runs), and the worker writes `-PGID`
-/// once it has reaped the item. When the pipe closes, however the worker ended, the keeper
-/// kills every group still listed, then exits.
+/// Without it, an item of a worker killed outright would run on unseen
+/// while another worker redoes it. The keeper is `litework keep-groups`,
+/// started by the worker with a pipe on its standard input: the worker
+/// writes `+PGID` when it has started an item and `-PGID` once it has
+/// reaped it. When the pipe closes, however the worker ended, the keeper
+/// kills every group still listed, and every process whose environment
+/// carries this worker's `LITEWORK_WORKER_ID` (which covers an item the
+/// worker started but died before listing), then exits.
 pub struct Keeper {
     pipe: Mutex<std::process::ChildStdin>,
     _child: std::process::Child,
@@ -635,9 +616,9 @@ impl std::fmt::Debug for Keeper {
 impl Keeper {
     /// Starts `exe keep-groups`, in a process group of its own so that a
     /// Ctrl-C at the terminal does not end it before it is needed.
-    pub fn start(exe: &Path) -> Result<Keeper> {
+    pub fn start(exe: &Path, worker_id: &str) -> Result<Keeper> {
         let mut child = std::process::Command::new(exe)
-            .arg("keep-groups")
+            .args(["keep-groups", "--worker-id", worker_id])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .process_group(0)
@@ -661,48 +642,35 @@ impl Keeper {
         let _ = pipe.write_all(line.as_bytes());
     }
 
-    /// The write end of the pipe, for a child to register its own group
-    /// between fork and exec.
-    fn fd(&self) -> RawFd {
-        self.pipe
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_raw_fd()
+    fn watch(&self, pgid: u32) {
+        self.send(format!("+{pgid}\n"));
     }
 
     fn forget(&self, pgid: u32) {
         self.send(format!("-{pgid}\n"));
     }
-}
 
-/// Writes `sign`, the decimal `pid` and a newline into `buf` without
-/// allocating (it runs between fork and exec); returns the length.
-fn group_line(sign: u8, pid: libc::pid_t, buf: &mut [u8; 24]) -> usize {
-    let mut digits = [0u8; 20];
-    let mut n = pid.unsigned_abs();
-    let mut len = 0;
-    loop {
-        digits[len] = b'0' + (n % 10) as u8;
-        len += 1;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+    /// Tells the keeper the worker is stopping cleanly with no item left
+    /// running, so it need not look for strays: worker ids given with
+    /// `--worker-id` need not be unique across unrelated workers.
+    pub fn finish(&self) {
+        self.send("=\n".to_string());
     }
-    buf[0] = sign;
-    for i in 0..len {
-        buf[1 + i] = digits[len - 1 - i];
-    }
-    buf[1 + len] = b'\n';
-    len + 2
 }
 
 /// The keeper's side: reads `+PGID` / `-PGID` lines until end of input,
-/// then kills every group still listed. Returns how many it killed.
-pub fn keep_groups(input: impl std::io::BufRead) -> usize {
+/// then kills every group still listed and, unless the worker said `=`
+/// (a clean stop), every process (with its group) whose environment says
+/// it belongs to `worker_id`. Returns how many groups it killed.
+pub fn keep_groups(input: impl std::io::BufRead, worker_id: Option<&str>) -> usize {
     let mut groups = std::collections::HashSet::new();
+    let mut clean = false;
     for line in input.lines() {
         let Ok(line) = line else { break };
+        if line == "=" {
+            clean = true;
+            continue;
+        }
         let (sign, number) = line.split_at(line.len().min(1));
         match (sign, number.parse::<i32>()) {
             ("+", Ok(g)) if g > 1 => {
@@ -714,10 +682,36 @@ pub fn keep_groups(input: impl std::io::BufRead) -> usize {
             _ => {}
         }
     }
+    if let (Some(id), false) = (worker_id, clean) {
+        groups.extend(processes_of(id));
+    }
     for &g in &groups {
         kill_group(g);
     }
     groups.len()
+}
+
+/// Process groups of the processes whose environment has
+/// `LITEWORK_WORKER_ID=id`, read from /proc.
+fn processes_of(id: &str) -> Vec<i32> {
+    let marker = format!("LITEWORK_WORKER_ID={id}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid as u32 != me)
+        .filter(|pid| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            environ
+                .split(|&b| b == 0)
+                .any(|var| var == marker.as_bytes())
+        })
+        // SAFETY: getpgid on any pid; -1 if it is gone.
+        .map(|pid| unsafe { libc::getpgid(pid) })
+        .filter(|&g| g > 1)
+        .collect()
 }
 
 /// Finds `program` the way `execvp` will, so that a typo is an error at
@@ -774,7 +768,7 @@ mod tests {
             a = listed.id(),
             b = forgotten.id()
         );
-        assert_eq!(keep_groups(input.as_bytes()), 1);
+        assert_eq!(keep_groups(input.as_bytes(), None), 1);
         let status = listed.wait().unwrap();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
         assert_eq!(
@@ -787,12 +781,25 @@ mod tests {
     }
 
     #[test]
-    fn group_lines_are_formatted_without_allocation() {
-        let mut buf = [0u8; 24];
-        let n = group_line(b'+', 40123, &mut buf);
-        assert_eq!(&buf[..n], b"+40123\n");
-        let n = group_line(b'-', 7, &mut buf);
-        assert_eq!(&buf[..n], b"-7\n");
+    fn keeper_finds_unlisted_processes_of_its_worker_unless_told_all_is_clean() {
+        let id = format!("keeper-test-{}-{:x}", std::process::id(), fastrand::u64(..));
+        let spawn = || {
+            std::process::Command::new("sleep")
+                .arg("1000")
+                .env("LITEWORK_WORKER_ID", &id)
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        };
+        let mut spared = spawn();
+        assert_eq!(keep_groups(&b"=\n"[..], Some(&id)), 0);
+        assert_eq!(
+            spared.try_wait().unwrap(),
+            None,
+            "a clean stop kills nothing"
+        );
+        assert_eq!(keep_groups(&b""[..], Some(&id)), 1);
+        assert_eq!(spared.wait().unwrap().signal(), Some(libc::SIGKILL));
     }
 
     #[test]
