@@ -692,7 +692,10 @@ pub fn keep_groups(input: impl std::io::BufRead, worker_id: Option<&str>) -> usi
 }
 
 /// Process groups of the processes whose environment has
-/// `LITEWORK_WORKER_ID=id`, read from /proc.
+/// `LITEWORK_WORKER_ID=id`, read from /proc. A process caught in the
+/// instant between its exec and the setup of its new stack shows an empty
+/// environment and is missed; together with the list the worker keeps,
+/// that leaves only an item spawned in that same instant before a kill.
 fn processes_of(id: &str) -> Vec<i32> {
     let marker = format!("LITEWORK_WORKER_ID={id}");
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -792,6 +795,22 @@ mod tests {
                 .unwrap()
         };
         let mut spared = spawn();
+        // Until the new program has set up its stack, /proc shows an empty
+        // environment for a moment after spawn returns; wait for it.
+        let marker = format!("LITEWORK_WORKER_ID={id}");
+        let environ = format!("/proc/{}/environ", spared.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read(&environ)
+            .unwrap_or_default()
+            .split(|&b| b == 0)
+            .any(|var| var == marker.as_bytes())
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{environ} never showed {marker}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(keep_groups(&b"=\n"[..], Some(&id)), 0);
         assert_eq!(
             spared.try_wait().unwrap(),
