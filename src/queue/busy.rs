@@ -64,10 +64,10 @@ pub(crate) fn handler(count: i32) -> bool {
     // 20 µs doubling up to ~5 ms, then a random point in [50%, 100%].
     let step = 20u64 << count.clamp(0, 8);
     let micros = step / 2 + fastrand::u64(0..=step / 2);
-    let nap = Duration::from_micros(micros);
-    std::thread::sleep(nap);
+    std::thread::sleep(Duration::from_micros(micros));
     WAITS.fetch_add(1, Ordering::Relaxed);
-    let slept = u64::try_from(nap.as_nanos()).unwrap_or(u64::MAX);
+    // The time actually slept: a loaded machine oversleeps the nap.
+    let slept = u64::try_from(now.elapsed().as_nanos()).unwrap_or(u64::MAX);
     WAITED_NANOS.fetch_add(slept, Ordering::Relaxed);
     true
 }

@@ -214,14 +214,7 @@ fn assert_a_changed_nothing(sb: &Sandbox, mut a: Running, after_b: &Item) {
         *after_b,
         "A's late outcome must not touch the row"
     );
-    let history = sb.attempts();
-    assert_eq!(history.len(), 1, "{history:#?}");
-    let lost = &history[0];
-    assert_eq!(
-        (lost.attempt, lost.worker.as_deref(), lost.outcome.as_str()),
-        (1, Some("A"), "lost"),
-        "{lost:?}"
-    );
+    crate::util::assert_one_lost_attempt(sb, "A");
 
     // Recorded once: one outcome counted, to B; one item done.
     let conn = sb.conn();

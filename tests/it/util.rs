@@ -650,3 +650,16 @@ pub fn live_workers(sb: &Sandbox) -> Vec<(String, i32)> {
     rows.collect::<rusqlite::Result<_>>()
         .expect("reading workers")
 }
+
+/// Asserts the history holds exactly one attempt: the first, by `worker`,
+/// lost (its lease was taken and its outcome dropped).
+pub fn assert_one_lost_attempt(sb: &Sandbox, worker: &str) {
+    let history = sb.attempts();
+    assert_eq!(history.len(), 1, "{history:#?}");
+    let lost = &history[0];
+    assert_eq!(
+        (lost.attempt, lost.worker.as_deref(), lost.outcome.as_str()),
+        (1, Some(worker), "lost"),
+        "{lost:?}"
+    );
+}

@@ -124,13 +124,7 @@ fn worker_whose_lease_was_taken_cannot_overwrite_the_new_owner() {
         "A's late outcome must not touch the row"
     );
 
-    let history = sb.attempts();
-    assert_eq!(history.len(), 1, "{history:#?}");
-    let lost = &history[0];
-    assert_eq!(
-        (lost.attempt, lost.worker.as_deref(), lost.outcome.as_str()),
-        (1, Some("worker-a"), "lost")
-    );
+    crate::util::assert_one_lost_attempt(&sb, "worker-a");
 }
 
 #[test]
