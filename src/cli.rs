@@ -82,11 +82,15 @@ pub enum Command {
     RequeueStale(RequeueArgs),
     /// Write items and their results as JSON Lines or CSV.
     Export(ExportArgs),
-    /// Load and fault tests. `--chaos`: kill workers and the supervisor
-    /// during a run and verify that nothing was lost or recorded twice.
+    /// Load test on a fresh queue: items/s, claim latency, lock waits and a
+    /// check that every item was done exactly once. `--chaos` instead
+    /// kills workers and the supervisor during a run and verifies that
+    /// nothing was lost or recorded twice.
     Bench(BenchArgs),
     /// Internal: started by each worker to kill its items' process groups
     /// if the worker dies.
+    #[command(hide = true)]
+    BenchWorker(BenchWorkerArgs),
     #[command(hide = true)]
     KeepGroups {
         /// Also kill processes started for this worker that were never
@@ -350,29 +354,109 @@ pub struct BenchArgs {
     #[arg(long)]
     pub chaos: bool,
 
-    /// Items in the batch.
-    #[arg(long, default_value_t = 20_000)]
-    pub items: usize,
+    /// Items in the batch [default: 200000; 20000 with --chaos].
+    #[arg(long)]
+    pub items: Option<usize>,
 
     /// Worker processes.
     #[arg(short = 'w', long, default_value_t = 4)]
     pub workers: usize,
 
-    /// Items at once per worker.
-    #[arg(short = 'c', long, default_value_t = 2)]
-    pub concurrency: usize,
+    /// Items at once per worker [default: 4; 2 with --chaos].
+    #[arg(short = 'c', long)]
+    pub concurrency: Option<usize>,
+
+    /// What each item does: noop, sleep=DURATION, or fail=RATE (a no-op
+    /// that fails with probability RATE and is retried). A command after
+    /// `--` runs once per item instead.
+    #[arg(long, value_parser = work_kind, default_value = "noop")]
+    pub work: WorkKind,
+
+    /// Also run the plain pattern (one item claimed per transaction, its
+    /// completion in another) with the same processes and settings.
+    #[arg(long)]
+    pub compare_seed: bool,
+
+    /// Also measure pickup latency: add this many items one at a time to
+    /// an idle queue and time each from commit to start.
+    #[arg(long, value_name = "ITEMS")]
+    pub pickup: Option<usize>,
+
+    /// Also time `status` and a metrics scrape on a queue of this many
+    /// items.
+    #[arg(long, value_name = "ITEMS")]
+    pub status_at: Option<u64>,
 
     /// Mean time between worker kills (jittered by ±50%).
     #[arg(long, value_parser = duration, default_value = "300ms")]
     pub kill_every: Duration,
 
-    /// Keep the queue and logs in this directory instead of a temporary one.
+    /// Keep the databases (and logs) in this directory instead of a
+    /// temporary one; it must be empty or not exist.
     #[arg(long)]
     pub dir: Option<PathBuf>,
 
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+
+    /// The command to run per item (as for `worker`).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// The work a bench item does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WorkKind {
+    Noop,
+    Sleep(Duration),
+    Fail(f64),
+}
+
+impl std::fmt::Display for WorkKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkKind::Noop => write!(f, "noop"),
+            WorkKind::Sleep(d) => write!(f, "sleep={}", humantime::format_duration(*d)),
+            WorkKind::Fail(rate) => write!(f, "fail={rate}"),
+        }
+    }
+}
+
+fn work_kind(s: &str) -> Result<WorkKind, String> {
+    match s.split_once('=') {
+        None if s == "noop" => Ok(WorkKind::Noop),
+        Some(("sleep", d)) => duration(d).map(WorkKind::Sleep),
+        Some(("fail", r)) => match r.parse::<f64>() {
+            Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(WorkKind::Fail(rate)),
+            _ => Err(format!("{r:?} is not a rate between 0 and 1")),
+        },
+        _ => Err("expected noop, sleep=DURATION or fail=RATE".into()),
+    }
+}
+
+/// A process of `litework bench`: started and stopped through its stdin,
+/// reports on its stdout.
+#[derive(Debug, Args)]
+pub struct BenchWorkerArgs {
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+
+    #[arg(long, value_parser = work_kind, default_value = "noop")]
+    pub work: WorkKind,
+
+    /// The plain pattern: one claim per transaction, one completion per
+    /// transaction, one item at a time.
+    #[arg(long)]
+    pub seed: bool,
+
+    /// Payloads are the wall-clock time they were added (nanoseconds);
+    /// measure the delay to their start. Keeps running until stdin closes.
+    #[arg(long)]
+    pub pickup: bool,
+
+    #[arg(last = true)]
+    pub command: Vec<OsString>,
 }
 
 #[derive(Debug, Args)]

@@ -66,7 +66,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Retry(args) => retry(open(false)?, args),
         Command::RequeueStale(args) => requeue(open(false)?, args),
         Command::Export(args) => export(open(false)?, args),
-        Command::Bench(args) => crate::bench::bench(args),
+        Command::Bench(args) => crate::bench::bench(args, cli.durable),
+        Command::BenchWorker(args) => crate::bench::bench_worker(&cli.db, &opts(false), args),
         Command::KeepGroups { worker_id } => {
             litework::exec::keep_groups(std::io::stdin().lock(), worker_id.as_deref());
             Ok(ExitCode::SUCCESS)

@@ -40,6 +40,7 @@
 
 pub mod error;
 pub mod exec;
+pub mod histogram;
 pub mod input;
 pub mod metrics;
 pub mod queue;

@@ -2,11 +2,21 @@
 //!
 //! One thread (the caller's) owns the database session. Each turn it
 //! records the outcomes that arrived since the last one, extends its leases
-//! when a heartbeat is due and claims as many items as it has free executor
-//! slots, all in one immediate transaction. K executor threads run the
-//! items they receive over a crossbeam channel and send outcomes back.
+//! when a heartbeat is due and claims the next batch, all in one immediate
+//! transaction: a group commit. K executor threads take the claimed items
+//! from a crossbeam channel and leave their outcomes in an outbox.
 //! Timeouts, lost leases and shutdown reach a running item through its
 //! [`Cancel`], which kills a command's process group.
+//!
+//! The batch adapts to the work. A worker holds up to `depth` items:
+//! its K running ones plus as many as its executors finish in about
+//! [`HORIZON`], measured as it goes. Fast items (a no-op handler) get
+//! batches of hundreds and one transaction per batch; items that take
+//! seconds get no more than K, so no worker hoards slow work. A turn
+//! happens when an executor would otherwise go idle, when the held items
+//! fall to half of `depth`, when a heartbeat is due, or when outcomes have
+//! waited [`FLUSH_AFTER`]; executors wake the database thread only when one
+//! of those is reached, not once per item.
 //!
 //! When nothing is ready the thread does not take the write lock to find
 //! out: it polls `PRAGMA data_version` (which changes only when another
@@ -15,7 +25,8 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,6 +34,7 @@ use crossbeam_channel::{select, Receiver, Sender};
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::histogram::Histogram;
 use crate::metrics::{Attempt, WorkerMetrics};
 use crate::queue::{
     now_ms, Backoff, Completion, FailureKind, Job, Queue, Recorded, Session, Turn, WorkerInfo,
@@ -58,6 +70,7 @@ type Hook = Box<dyn FnMut() + Send>;
 #[derive(Default)]
 pub struct Cancel {
     state: Mutex<(Option<CancelReason>, Option<Hook>)>,
+    started: OnceLock<Instant>,
 }
 
 impl std::fmt::Debug for Cancel {
@@ -110,6 +123,15 @@ impl Cancel {
     /// Removes the hook; once this returns it will not run again.
     pub fn clear_hook(&self) {
         self.lock().1 = None;
+    }
+
+    /// When an executor started the item; `None` while it waits for one.
+    pub fn started(&self) -> Option<Instant> {
+        self.started.get().copied()
+    }
+
+    fn mark_started(&self) {
+        self.started.get_or_init(Instant::now);
     }
 }
 
@@ -231,13 +253,12 @@ pub struct Worker {
     handler: Arc<dyn Handler>,
     id: String,
     metrics: Arc<WorkerMetrics>,
+    claim_latency: Arc<Histogram>,
 }
 
 struct InFlight {
     job: Job,
     cancel: Arc<Cancel>,
-    deadline: Option<Instant>,
-    started: Instant,
 }
 
 /// An executor's report. The lease token is part of the key: after a lost
@@ -249,6 +270,50 @@ struct Finished {
     outcome: Outcome,
 }
 
+/// Where executors leave outcomes. An executor wakes the database thread
+/// only when the outbox holds `wake_at` outcomes, a threshold the database
+/// thread sets before it sleeps.
+struct Outbox {
+    items: Mutex<Vec<Finished>>,
+    wake_at: AtomicUsize,
+    wake: Sender<()>,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Finished>> {
+        // Pushing a value cannot leave the vector half-changed.
+        self.items
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn push(&self, f: Finished) {
+        let waiting = {
+            let mut items = self.lock();
+            items.push(f);
+            items.len()
+        };
+        // Read after the push: a threshold lowered before the database
+        // thread looked at the outbox is seen here, so no wake-up is lost.
+        if waiting >= self.wake_at.load(Ordering::SeqCst) {
+            let _ = self.wake.try_send(());
+        }
+    }
+
+    fn take(&self) -> Vec<Finished> {
+        std::mem::take(&mut *self.lock())
+    }
+}
+
+/// How far ahead a worker claims: items its executors finish in this long.
+pub const HORIZON: Duration = Duration::from_millis(20);
+/// The most items one worker holds, running and waiting, at once.
+const MAX_DEPTH: usize = 2048;
+/// Longest an outcome waits for a turn when no other reason for one comes.
+pub const FLUSH_AFTER: Duration = Duration::from_millis(5);
+/// How often the finish rate behind `depth` is measured.
+const RATE_WINDOW: Duration = Duration::from_millis(25);
+
 impl Worker {
     pub fn new(queue: Queue, config: WorkerConfig, handler: impl Handler) -> Worker {
         let id = config.id.clone().unwrap_or_else(new_worker_id);
@@ -258,12 +323,18 @@ impl Worker {
             handler: Arc::new(handler),
             id,
             metrics: Arc::new(WorkerMetrics::new()),
+            claim_latency: Arc::new(Histogram::new()),
         }
     }
 
     /// This worker's metrics, to serve with [`crate::metrics::Exporter`].
     pub fn metrics(&self) -> Arc<WorkerMetrics> {
         self.metrics.clone()
+    }
+
+    /// How long each turn that claimed took, lock wait included.
+    pub fn claim_latency(&self) -> Arc<Histogram> {
+        self.claim_latency.clone()
     }
 
     /// Records where this worker's metrics are served, for discovery.
@@ -293,25 +364,36 @@ impl Worker {
         info!(worker = %self.id, concurrency = self.config.concurrency, "worker started");
 
         let k = self.config.concurrency.max(1);
-        let (job_tx, job_rx) = crossbeam_channel::bounded::<(Job, Arc<Cancel>)>(k);
-        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Finished>();
+        let (job_tx, job_rx) = crossbeam_channel::bounded::<(Job, Arc<Cancel>)>(MAX_DEPTH + k);
+        let (wake_tx, wake) = crossbeam_channel::bounded::<()>(1);
+        let outbox = Arc::new(Outbox {
+            items: Mutex::new(Vec::new()),
+            wake_at: AtomicUsize::new(1),
+            wake: wake_tx,
+        });
         let executors: Vec<JoinHandle<()>> = (0..k)
-            .map(|n| spawn_executor(n, self.handler.clone(), job_rx.clone(), done_tx.clone()))
+            .map(|n| spawn_executor(n, self.handler.clone(), job_rx.clone(), outbox.clone()))
             .collect::<std::io::Result<_>>()
             .map_err(|e| Error::Config(format!("cannot start executor threads: {e}")))?;
-        drop(done_tx);
 
         let mut state = Loop {
             cfg: &self.config,
             metrics: &self.metrics,
+            claim_latency: &self.claim_latency,
             id: &self.id,
             session: &mut session,
             job_tx: Some(job_tx),
             job_rx,
-            done_rx,
+            outbox,
+            wake,
             stop,
             in_flight: HashMap::new(),
             finished: Vec::new(),
+            finished_since: None,
+            depth: k,
+            rate: 0.0,
+            rate_since: Instant::now(),
+            rate_count: 0,
             report: WorkerReport {
                 id: self.id.clone(),
                 ..WorkerReport::default()
@@ -358,29 +440,34 @@ fn spawn_executor(
     n: usize,
     handler: Arc<dyn Handler>,
     jobs: Receiver<(Job, Arc<Cancel>)>,
-    done: Sender<Finished>,
+    outbox: Arc<Outbox>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("executor-{n}"))
         .spawn(move || {
             for (job, cancel) in jobs.iter() {
-                let outcome = catch_unwind(AssertUnwindSafe(|| handler.handle(&job, &cancel)))
-                    .unwrap_or_else(|panic| {
-                        let msg = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "unknown panic".into());
-                        Outcome::Retry(format!("handler panicked: {msg}"))
-                    });
-                let finished = Finished {
+                let outcome = if cancel.is_cancelled() {
+                    // Shut down or lost while it waited: the reason decides
+                    // what is recorded, and the handler never runs.
+                    Outcome::Retry("cancelled before it started".into())
+                } else {
+                    cancel.mark_started();
+                    catch_unwind(AssertUnwindSafe(|| handler.handle(&job, &cancel))).unwrap_or_else(
+                        |panic| {
+                            let msg = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "unknown panic".into());
+                            Outcome::Retry(format!("handler panicked: {msg}"))
+                        },
+                    )
+                };
+                outbox.push(Finished {
                     id: job.id,
                     token: job.token,
                     outcome,
-                };
-                if done.send(finished).is_err() {
-                    return;
-                }
+                });
             }
         })
 }
@@ -389,16 +476,26 @@ fn spawn_executor(
 struct Loop<'a> {
     cfg: &'a WorkerConfig,
     metrics: &'a WorkerMetrics,
+    claim_latency: &'a Histogram,
     id: &'a str,
     session: &'a mut Session,
     job_tx: Option<Sender<(Job, Arc<Cancel>)>>,
     job_rx: Receiver<(Job, Arc<Cancel>)>,
-    done_rx: Receiver<Finished>,
+    outbox: Arc<Outbox>,
+    wake: Receiver<()>,
     stop: Receiver<()>,
-    /// Running items by `(id, lease token)`.
+    /// Held items (running or waiting for an executor) by `(id, lease
+    /// token)`.
     in_flight: HashMap<(i64, i64), InFlight>,
-    /// Outcomes waiting for the next turn.
+    /// Outcomes waiting for the next turn, and since when.
     finished: Vec<(Job, Completion)>,
+    finished_since: Option<Instant>,
+    /// How many items to hold; see the module doc.
+    depth: usize,
+    /// Outcomes per second, smoothed, and the window being counted.
+    rate: f64,
+    rate_since: Instant,
+    rate_count: u64,
     report: WorkerReport,
     /// Set by the first stop signal: the drain deadline.
     stopping: Option<Instant>,
@@ -431,19 +528,32 @@ struct Idle {
 impl Loop<'_> {
     fn run(&mut self) -> Result<()> {
         loop {
-            while let Ok(f) = self.done_rx.try_recv() {
-                self.finish(f);
-            }
+            self.collect();
             self.enforce_deadlines();
 
+            let held = self.in_flight.len();
+            // An executor may be idle, or about to be.
+            let starving = held < self.executors();
+            let refill = held <= self.depth / 2;
             let free = self.free_slots();
-            let want = if self.stopping.is_none() && free > 0 && self.maybe_ready()? {
+            let want = if self.stopping.is_none()
+                && free > 0
+                && (starving || refill)
+                && self.maybe_ready()?
+            {
                 free
             } else {
                 0
             };
+            let flush = !self.finished.is_empty()
+                && (starving
+                    || self.stopping.is_some()
+                    || self.finished.len() >= (self.depth / 2).max(1)
+                    || self
+                        .finished_since
+                        .is_some_and(|t| t.elapsed() >= FLUSH_AFTER));
             let beat = self.last_heartbeat.elapsed() >= self.cfg.lease / 3;
-            if !self.finished.is_empty() || want > 0 || beat {
+            if flush || want > 0 || beat {
                 self.turn(want, beat)?;
             }
             if self.trouble.is_none() && self.sweep_due() {
@@ -478,11 +588,39 @@ impl Loop<'_> {
         }
     }
 
+    fn executors(&self) -> usize {
+        self.cfg.concurrency.max(1)
+    }
+
     fn free_slots(&self) -> usize {
-        self.cfg
-            .concurrency
-            .max(1)
-            .saturating_sub(self.in_flight.len())
+        self.depth.saturating_sub(self.in_flight.len())
+    }
+
+    /// Takes what the executors left in the outbox.
+    fn collect(&mut self) {
+        for f in self.outbox.take() {
+            self.finish(f);
+        }
+    }
+
+    /// Sets `depth` from the rate at which outcomes are recorded.
+    fn adapt(&mut self, recorded: usize) {
+        self.rate_count += recorded as u64;
+        let window = self.rate_since.elapsed();
+        if window < RATE_WINDOW {
+            return;
+        }
+        let now = self.rate_count as f64 / window.as_secs_f64();
+        self.rate = if self.rate == 0.0 {
+            now
+        } else {
+            0.5 * self.rate + 0.5 * now
+        };
+        self.rate_since = Instant::now();
+        self.rate_count = 0;
+        let ahead = (self.rate * HORIZON.as_secs_f64()) as usize;
+        let k = self.executors();
+        self.depth = (k + ahead).clamp(k, MAX_DEPTH);
     }
 
     /// Whether a claim might find something, without taking the write lock.
@@ -503,6 +641,7 @@ impl Loop<'_> {
             Vec::new()
         };
         let finished = std::mem::take(&mut self.finished);
+        let waiting_since = self.finished_since.take();
         let turn = Turn {
             finished,
             extend,
@@ -514,6 +653,7 @@ impl Loop<'_> {
             Ok(r) => r,
             Err(e) => {
                 self.finished = turn.finished;
+                self.finished_since = waiting_since;
                 if e.is_transient() {
                     self.troubled(&e);
                     return Ok(());
@@ -526,9 +666,9 @@ impl Loop<'_> {
             info!(worker = %self.id, failures = t.failures, ?after, "database writable again");
         }
         if want > 0 {
-            self.metrics
-                .claim_seconds
-                .observe(started.elapsed().as_secs_f64());
+            let took = started.elapsed();
+            self.claim_latency.record(took);
+            self.metrics.claim_seconds.observe(took.as_secs_f64());
             self.metrics.claimed.inc_by(result.claimed.len() as u64);
         }
         if beat {
@@ -539,6 +679,7 @@ impl Loop<'_> {
         for ((job, completion), (_, recorded)) in turn.finished.iter().zip(&result.recorded) {
             self.count(job, completion, *recorded);
         }
+        self.adapt(turn.finished.len());
         for key in &result.lost {
             if let Some(f) = self.in_flight.get(key) {
                 let item = key.0;
@@ -592,22 +733,19 @@ impl Loop<'_> {
 
     fn dispatch(&mut self, job: Job) {
         let cancel = Arc::new(Cancel::default());
-        let now = Instant::now();
         let flight = InFlight {
             job: job.clone(),
             cancel: cancel.clone(),
-            deadline: self.cfg.timeout.map(|t| now + t),
-            started: now,
         };
         self.in_flight.insert((job.id, job.token), flight);
         debug!(worker = %self.id, item = job.id, attempt = job.attempt, "claimed");
         if let Some(tx) = &self.job_tx {
-            // The channel holds `concurrency` jobs and we never have more in
-            // flight, so this does not block.
+            // The channel holds more than MAX_DEPTH jobs and we never hold
+            // more, so this does not block.
             if let Err(e) = tx.send((job, cancel)) {
                 let (job, _) = e.into_inner();
                 self.in_flight.remove(&(job.id, job.token));
-                self.finished.push((job, Completion::Release));
+                self.push_finished(job, Completion::Release);
             }
         }
     }
@@ -618,7 +756,10 @@ impl Loop<'_> {
             return;
         };
         let job = flight.job;
-        let elapsed = flight.started.elapsed();
+        let elapsed = flight
+            .cancel
+            .started()
+            .map_or(Duration::ZERO, |at| at.elapsed());
         let completion = match (flight.cancel.reason(), f.outcome) {
             (Some(CancelReason::LeaseLost), _) => {
                 self.report.lost += 1;
@@ -659,17 +800,25 @@ impl Loop<'_> {
             }
             _ => debug!(worker = %self.id, item, ?elapsed, "item finished"),
         }
+        self.push_finished(job, completion);
+    }
+
+    fn push_finished(&mut self, job: Job, completion: Completion) {
+        self.finished_since.get_or_insert_with(Instant::now);
         self.finished.push((job, completion));
     }
 
     fn enforce_deadlines(&mut self) {
-        let now = Instant::now();
-        for f in self.in_flight.values() {
-            if f.deadline.is_some_and(|d| now >= d) && !f.cancel.is_cancelled() {
-                f.cancel.cancel(CancelReason::Timeout);
+        if let Some(limit) = self.cfg.timeout {
+            let now = Instant::now();
+            for f in self.in_flight.values() {
+                let late = f.cancel.started().is_some_and(|at| now >= at + limit);
+                if late && !f.cancel.is_cancelled() {
+                    f.cancel.cancel(CancelReason::Timeout);
+                }
             }
         }
-        if self.stopping.is_some_and(|d| now >= d) && self.cancelled_all.is_none() {
+        if self.stopping.is_some_and(|d| Instant::now() >= d) && self.cancelled_all.is_none() {
             self.cancel_all();
         }
     }
@@ -698,7 +847,7 @@ impl Loop<'_> {
         // Jobs claimed but not yet picked up by an executor go back at once.
         while let Ok((job, _)) = self.job_rx.try_recv() {
             self.in_flight.remove(&(job.id, job.token));
-            self.finished.push((job, Completion::Release));
+            self.push_finished(job, Completion::Release);
         }
     }
 
@@ -715,8 +864,9 @@ impl Loop<'_> {
     fn abandon(&mut self) {
         let items = self.in_flight.len();
         warn!(worker = %self.id, items, "handlers ignored cancellation; releasing their items");
-        for f in self.in_flight.values() {
-            self.finished.push((f.job.clone(), Completion::Release));
+        let held: Vec<Job> = self.in_flight.values().map(|f| f.job.clone()).collect();
+        for job in held {
+            self.push_finished(job, Completion::Release);
         }
         self.job_tx = None;
         let _ = self.turn(0, false);
@@ -731,11 +881,15 @@ impl Loop<'_> {
     fn bail(&mut self) {
         self.cancel_all();
         let until = Instant::now() + ABANDON_AFTER;
-        while !self.in_flight.is_empty() {
+        self.outbox.wake_at.store(1, Ordering::SeqCst);
+        loop {
+            self.collect();
+            if self.in_flight.is_empty() {
+                break;
+            }
             let left = until.saturating_duration_since(Instant::now());
-            match self.done_rx.recv_timeout(left) {
-                Ok(f) => self.finish(f),
-                Err(_) => break,
+            if self.wake.recv_timeout(left).is_err() {
+                break;
             }
         }
         self.abandon();
@@ -783,19 +937,48 @@ impl Loop<'_> {
         }
     }
 
-    /// Sleeps until an outcome arrives, a stop signal, or the next deadline.
+    /// Sleeps until the executors have left enough outcomes for a turn, a
+    /// stop signal, or the next deadline.
     fn wait(&mut self) {
         self.metrics.in_flight.set(self.in_flight.len() as i64);
+        let held = self.in_flight.len();
+        let k = self.executors();
+        // Wake when an executor is about to go idle (held below K), when
+        // held items fall to half of depth, or when enough outcomes for a
+        // flush are waiting.
+        let wake_at = if self.stopping.is_some() || held < k {
+            1
+        } else {
+            (held + 1 - k)
+                .min(held.saturating_sub(self.depth / 2))
+                .min((self.depth / 2).saturating_sub(self.finished.len()))
+                .max(1)
+        };
+        self.outbox.wake_at.store(wake_at, Ordering::SeqCst);
+        // Anything left before the threshold was lowered would not wake us.
+        if self.outbox.lock().len() >= wake_at {
+            return;
+        }
+
         let now = Instant::now();
         let mut until = self.last_heartbeat + self.cfg.lease / 3;
         let mut consider = |t: Instant| until = until.min(t);
-        for f in self.in_flight.values() {
-            // A cancelled item's deadline has done its work; waiting on it
-            // again would spin until the item returns.
-            match f.deadline {
-                Some(d) if !f.cancel.is_cancelled() => consider(d),
-                _ => {}
+        if let Some(limit) = self.cfg.timeout {
+            for f in self.in_flight.values() {
+                // A cancelled item's deadline has done its work; waiting on
+                // it again would spin until the item returns.
+                if f.cancel.is_cancelled() {
+                    continue;
+                }
+                match f.cancel.started() {
+                    Some(at) => consider(at + limit),
+                    // It may start while we sleep: look again soon.
+                    None => consider(now + FLUSH_AFTER),
+                }
             }
+        }
+        if let Some(at) = self.finished_since {
+            consider(at + FLUSH_AFTER);
         }
         if let Some(d) = self.stopping {
             if self.cancelled_all.is_none() {
@@ -811,7 +994,12 @@ impl Loop<'_> {
             if let Some(at) = self.last_sweep {
                 consider(at + self.cfg.sweep_interval);
             }
-            if self.idle.is_some() && self.free_slots() > 0 && self.stopping.is_none() {
+            let could_claim = held < k || held <= self.depth / 2;
+            if self.idle.is_some()
+                && could_claim
+                && self.free_slots() > 0
+                && self.stopping.is_none()
+            {
                 // Idle: check again soon, backing off to `idle_poll`,
                 // jittered so idle workers do not poll in lockstep.
                 let jittered = self.poll.mul_f64(0.5 + fastrand::f64() / 2.0);
@@ -825,11 +1013,7 @@ impl Loop<'_> {
         }
         let timeout = until.saturating_duration_since(now);
         select! {
-            recv(self.done_rx) -> msg => {
-                if let Ok(f) = msg {
-                    self.finish(f);
-                }
-            }
+            recv(self.wake) -> _ => self.collect(),
             recv(self.stop) -> msg => {
                 match msg {
                     Ok(()) => self.begin_stop(),

@@ -619,6 +619,11 @@ impl Queue {
             let total: i64 =
                 tx.query_row("SELECT count(*) FROM incoming.items", [], |r| r.get(0))?;
             let added = tx.execute(sql::TAKE_ITEMS, [])?;
+            let moves = Moves {
+                pending: added as i64,
+                ..Moves::default()
+            };
+            moves.apply(tx, now_ms())?;
             Ok(AddReport {
                 added: added as u64,
                 duplicates: u64::try_from(total)
@@ -642,6 +647,18 @@ impl r2d2::HandleError<rusqlite::Error> for PoolErrors {
     fn handle_error(&self, error: rusqlite::Error) {
         tracing::debug!(%error, "connection pool could not open a connection");
     }
+}
+
+/// A connection to any SQLite file (created if missing) in WAL mode with
+/// the pragmas and busy handler litework's own connections get: what
+/// `litework bench` measures raw SQLite against.
+pub fn plain_connection(path: &Path, durable: bool) -> Result<Connection> {
+    let fail = |e| Error::sqlite(path, e);
+    let mut conn = Connection::open(path).map_err(fail)?;
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+        .map_err(fail)?;
+    configure(&mut conn, if durable { "FULL" } else { "NORMAL" }).map_err(fail)?;
+    Ok(conn)
 }
 
 /// Pragmas every pooled connection gets.
@@ -848,9 +865,10 @@ impl Session {
         self.write(|tx| {
             let now = now_ms();
             let mut out = TurnResult::default();
+            let mut moves = Moves::default();
             let mut finished = 0i64;
             for (job, completion) in &turn.finished {
-                let recorded = record_in(tx, job, completion, now)?;
+                let recorded = record_in(tx, job, completion, now, &mut moves)?;
                 let counts = !matches!(completion, Completion::Release);
                 if recorded == Recorded::Recorded && counts {
                     finished += 1;
@@ -874,6 +892,7 @@ impl Session {
                     .execute(params![worker, now])?;
             }
             if turn.claim > 0 {
+                tx.prepare_cached(sql::PROMOTE)?.execute(params![now])?;
                 let mut claim = tx.prepare_cached(sql::CLAIM)?;
                 let n = i64::try_from(turn.claim).unwrap_or(i64::MAX);
                 let rows = claim.query_map(params![worker, now, lease_ms, n], |r| {
@@ -890,10 +909,13 @@ impl Session {
                 for job in rows {
                     out.claimed.push(job?);
                 }
+                moves.pending -= out.claimed.len() as i64;
+                moves.running += out.claimed.len() as i64;
                 // RETURNING gives rows in no promised order.
                 out.claimed
                     .sort_by_key(|j| (std::cmp::Reverse(j.priority), j.id));
             }
+            moves.apply(tx, now)?;
             Ok(out)
         })
     }
@@ -901,7 +923,13 @@ impl Session {
     /// Records the outcome of one lease. Returns [`Recorded::LeaseLost`]
     /// (not an error) when the lease is no longer held by `job`.
     pub fn record(&mut self, job: &Job, completion: Completion) -> Result<Recorded> {
-        self.write(|tx| record_in(tx, job, &completion, now_ms()))
+        self.write(|tx| {
+            let now = now_ms();
+            let mut moves = Moves::default();
+            let recorded = record_in(tx, job, &completion, now, &mut moves)?;
+            moves.apply(tx, now)?;
+            Ok(recorded)
+        })
     }
 
     /// Extends one lease to `lease` from now.
@@ -928,6 +956,7 @@ impl Session {
             tx.prepare_cached(sql::LOST_OF_WORKER_HISTORY)?
                 .execute(params![worker, now])?;
             let moved = count_statuses(tx, sql::LOST_OF_WORKER, params![worker, now])?;
+            Moves::requeued(&moved).apply(tx, now)?;
             tx.prepare_cached(sql::WORKER_GONE)?
                 .execute(params![worker, now, "dead"])?;
             Ok(moved)
@@ -949,6 +978,7 @@ impl Session {
             tx.prepare_cached(sql::EXPIRED_HISTORY)?
                 .execute(params![now, cutoff])?;
             let moved = count_statuses(tx, sql::EXPIRED, params![now, cutoff])?;
+            Moves::requeued(&moved).apply(tx, now)?;
             // Rate buckets older than a day are of no use to `status`.
             tx.prepare_cached("DELETE FROM throughput WHERE second < ?1")?
                 .execute(params![now / 1000 - 86_400])?;
@@ -1044,9 +1074,7 @@ impl Session {
                 })?;
             report.done_per_s = done as f64 / 60.0;
             report.failed_per_s = failed as f64 / 60.0;
-            let head: Option<i64> = tx
-                .query_row(sql::HEAD, params![now], |r| r.get(0))
-                .optional()?;
+            let head: Option<i64> = tx.query_row(sql::HEAD, [], |r| r.get(0)).optional()?;
             report.oldest_ready_age_s = head.map(|at| (now - at).max(0) as f64 / 1000.0);
             report.workers = tx.query_row(
                 "SELECT count(*) FROM workers WHERE status = 'running'",
@@ -1081,7 +1109,7 @@ impl Session {
     pub fn next_ready_at(&mut self) -> Result<Option<i64>> {
         let path = self.path.clone();
         self.conn
-            .prepare_cached("SELECT min(run_after) FROM items WHERE status = 'pending'")
+            .prepare_cached(sql::NEXT_DUE)
             .and_then(|mut s| s.query_row([], |r| r.get(0)))
             .map_err(|e| Error::sqlite(&path, e))
     }
@@ -1153,7 +1181,26 @@ impl Session {
 
     /// Sends every failed item back to `pending` with fresh attempts.
     pub fn retry_failed(&mut self) -> Result<u64> {
-        self.write(|tx| Ok(tx.execute(sql::RETRY_FAILED, params![now_ms()])? as u64))
+        self.write(|tx| {
+            let n = tx.execute(sql::RETRY_FAILED, [])? as i64;
+            let moves = Moves {
+                failed: -n,
+                pending: n,
+                ..Moves::default()
+            };
+            moves.apply(tx, now_ms())?;
+            Ok(n as u64)
+        })
+    }
+
+    /// Sets the kept counts from the items themselves. Only needed after
+    /// the `items` table was changed by hand (with `sqlite3`): litework's
+    /// own statements keep the counts.
+    pub fn recount(&mut self) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(sql::RECOUNT, [])?;
+            Ok(())
+        })
     }
 
     /// Sends the given items back to `pending` with fresh attempts. If any id
@@ -1174,7 +1221,7 @@ impl Session {
             let mut retry = tx
                 .prepare_cached(sql::RETRY)
                 .map_err(|e| Error::sqlite(&path, e))?;
-            let now = now_ms();
+            let mut moves = Moves::default();
             for &id in ids {
                 let status: Option<String> = status_of
                     .query_row(params![id], |r| r.get(0))
@@ -1183,14 +1230,18 @@ impl Session {
                 match status.as_deref() {
                     None => missing.push(id),
                     Some("running") => report.running.push(id),
-                    Some(_) => {
+                    Some(status) => {
                         retry
-                            .execute(params![id, now])
+                            .execute(params![id])
                             .map_err(|e| Error::sqlite(&path, e))?;
+                        moves.shift(status, "pending");
                         report.retried += 1;
                     }
                 }
             }
+            moves
+                .apply(&tx, now_ms())
+                .map_err(|e| Error::sqlite(&path, e))?;
         }
         if !missing.is_empty() {
             // Dropping `tx` rolls back whatever was already retried.
@@ -1230,7 +1281,11 @@ where
             // An input error returns here; dropping `tx` rolls back.
             let item = item?;
             let max = item.max_attempts.unwrap_or(default_max_attempts).max(1);
-            let run_after = now.saturating_add(item.delay.map(ms).unwrap_or(0));
+            // 0 is "ready now"; a delay puts the item among the waiting.
+            let run_after = match item.delay.map(ms) {
+                Some(d) if d > 0 => now.saturating_add(d),
+                _ => 0,
+            };
             let changed = insert
                 .execute(params![
                     payload_value(&item.payload),
@@ -1247,6 +1302,13 @@ where
                 report.duplicates += 1;
             }
         }
+        let moves = Moves {
+            pending: report.added as i64,
+            ..Moves::default()
+        };
+        moves
+            .apply(&tx, now_ms())
+            .map_err(|e| Error::sqlite(path, e))?;
     }
     tx.commit().map_err(|e| Error::sqlite(path, e))?;
     Ok(report)
@@ -1266,6 +1328,7 @@ fn record_in(
     job: &Job,
     c: &Completion,
     now: i64,
+    moves: &mut Moves,
 ) -> rusqlite::Result<Recorded> {
     let changed = match c {
         Completion::Done { result } => tx.prepare_cached(sql::COMPLETE)?.execute(params![
@@ -1286,6 +1349,8 @@ fn record_in(
                 kind.as_str(),
                 error
             ])?;
+            // Due already (no backoff): ready at once, not waiting.
+            let run_after = if *run_after <= now { 0 } else { *run_after };
             tx.prepare_cached(sql::FAIL)?
                 .execute(params![job.id, job.token, "pending", run_after, error, now])?
         }
@@ -1298,17 +1363,98 @@ fn record_in(
                 error
             ])?;
             tx.prepare_cached(sql::FAIL)?
-                .execute(params![job.id, job.token, "failed", now, error, now])?
+                .execute(params![job.id, job.token, "failed", 0, error, now])?
         }
         Completion::Release => tx
             .prepare_cached(sql::RELEASE)?
-            .execute(params![job.id, job.token, now])?,
+            .execute(params![job.id, job.token])?,
     };
-    Ok(if changed == 1 {
-        Recorded::Recorded
-    } else {
-        Recorded::LeaseLost
-    })
+    if changed != 1 {
+        return Ok(Recorded::LeaseLost);
+    }
+    moves.shift(
+        "running",
+        match c {
+            Completion::Done { .. } => "done",
+            Completion::Failed { .. } => "failed",
+            Completion::Retry { .. } | Completion::Release => "pending",
+        },
+    );
+    Ok(Recorded::Recorded)
+}
+
+/// Items moved between statuses by one transaction, added to the kept
+/// counts (and, for items that finished, to the per-second rates) before
+/// it commits: one statement per transaction instead of a trigger per row.
+#[derive(Debug, Default)]
+struct Moves {
+    pending: i64,
+    running: i64,
+    done: i64,
+    failed: i64,
+    /// Items that became done or failed (`done`/`failed` may also fall).
+    became_done: i64,
+    became_failed: i64,
+}
+
+impl Moves {
+    fn requeued(r: &Requeued) -> Moves {
+        let (pending, failed) = (r.pending as i64, r.failed as i64);
+        Moves {
+            running: -(pending + failed),
+            pending,
+            failed,
+            became_failed: failed,
+            ..Moves::default()
+        }
+    }
+
+    fn slot(&mut self, status: &str) -> Option<&mut i64> {
+        match status {
+            "pending" => Some(&mut self.pending),
+            "running" => Some(&mut self.running),
+            "done" => Some(&mut self.done),
+            "failed" => Some(&mut self.failed),
+            _ => None,
+        }
+    }
+
+    /// One item went from `from` to `to`.
+    fn shift(&mut self, from: &str, to: &str) {
+        if from == to {
+            return;
+        }
+        if let Some(n) = self.slot(from) {
+            *n -= 1;
+        }
+        if let Some(n) = self.slot(to) {
+            *n += 1;
+        }
+        match to {
+            "done" => self.became_done += 1,
+            "failed" => self.became_failed += 1,
+            _ => {}
+        }
+    }
+
+    fn apply(&self, tx: &Transaction<'_>, now: i64) -> rusqlite::Result<()> {
+        if [self.pending, self.running, self.done, self.failed] != [0; 4] {
+            tx.prepare_cached(sql::COUNT)?.execute(params![
+                self.pending,
+                self.running,
+                self.done,
+                self.failed
+            ])?;
+        }
+        if self.became_done > 0 || self.became_failed > 0 {
+            tx.prepare_cached(sql::FINISHED)?.execute(params![
+                now / 1000,
+                self.became_done,
+                self.became_failed
+            ])?;
+        }
+        Ok(())
+    }
 }
 
 fn count_statuses(

@@ -14,7 +14,7 @@ use rusqlite::Connection;
 pub const APPLICATION_ID: i32 = 0x6C77_726B;
 
 /// Migrations in order; `MIGRATIONS[n]` brings version `n` to `n + 1`.
-pub const MIGRATIONS: &[&str] = &[V1];
+pub const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this build writes and understands.
 pub fn latest() -> i64 {
@@ -154,6 +154,28 @@ SELECT id,
        CAST(payload AS TEXT) AS payload
 FROM items
 WHERE status = 'running';
+";
+
+/// Throughput. The counts are kept by the statements that change item
+/// state (see `sql.rs`), once per transaction instead of by a trigger per
+/// row, which doubled the cost of every claim and completion. Ready items
+/// have `run_after = 0` and sit in `items_ready`; items waiting out a delay
+/// or backoff sit in `items_waiting` by time, and a claim first moves the
+/// ones that are due. A claim no longer walks past waiting items, and
+/// finding the next one due is one index lookup.
+const V2: &str = "
+DROP TRIGGER items_counted_insert;
+DROP TRIGGER items_counted_update;
+DROP TRIGGER items_counted_delete;
+DROP TRIGGER items_finished;
+
+DROP INDEX items_ready;
+UPDATE items SET run_after = 0
+WHERE run_after <> 0 AND (status <> 'pending' OR run_after <= CAST(unixepoch('subsec') * 1000 AS INTEGER));
+CREATE INDEX items_ready ON items (priority DESC, id) WHERE status = 'pending' AND run_after = 0;
+CREATE INDEX items_waiting ON items (run_after) WHERE status = 'pending' AND run_after > 0;
+
+UPDATE counts SET n = (SELECT count(*) FROM items WHERE items.status = counts.status);
 ";
 
 /// What the header of an opened file says it is.

@@ -5,10 +5,26 @@
 //! those three conditions would still pass a single-worker test, but would
 //! let a worker whose lease was taken away overwrite the outcome recorded by
 //! the worker that holds the item now.
+//!
+//! No trigger keeps the `counts` and `throughput` tables: whoever runs one
+//! of these statements adds what it moved with [`COUNT`] and [`FINISHED`]
+//! in the same transaction (see `Moves` in the module above).
+//!
+//! `run_after = 0` means ready. Statements that may change many rows say
+//! `UPDATE OR FAIL`: a failing constraint then fails the statement without
+//! undoing its earlier rows, which spares SQLite a statement journal (a
+//! copy of every page it touches), and the caller rolls the whole
+//! transaction back on any error anyway.
+
+/// Makes the waiting items whose time has come ready. ?1 now.
+pub const PROMOTE: &str = "
+UPDATE OR FAIL items
+SET run_after = 0
+WHERE status = 'pending' AND run_after > 0 AND run_after <= ?1";
 
 /// ?1 worker, ?2 now, ?3 lease length in ms, ?4 how many.
 pub const CLAIM: &str = "
-UPDATE items
+UPDATE OR FAIL items
 SET status        = 'running',
     attempts      = attempts + 1,
     lease_token   = lease_token + 1,
@@ -18,7 +34,7 @@ SET status        = 'running',
 WHERE id IN (
     SELECT id
     FROM items
-    WHERE status = 'pending' AND run_after <= ?2
+    WHERE status = 'pending' AND run_after = 0
     ORDER BY priority DESC, id
     LIMIT ?4
 )
@@ -43,7 +59,8 @@ SELECT id, attempts, lease_owner, started_at, ?3, ?4, ?5
 FROM items
 WHERE id = ?1 AND lease_token = ?2 AND status = 'running'";
 
-/// ?1 id, ?2 token, ?3 new status, ?4 run_after, ?5 error, ?6 now.
+/// ?1 id, ?2 token, ?3 new status, ?4 run_after (0: ready now), ?5 error,
+/// ?6 now.
 pub const FAIL: &str = "
 UPDATE items
 SET status        = ?3,
@@ -54,13 +71,13 @@ SET status        = ?3,
     finished_at   = CASE ?3 WHEN 'failed' THEN ?6 END
 WHERE id = ?1 AND lease_token = ?2 AND status = 'running'";
 
-/// ?1 id, ?2 token, ?3 now. Gives the attempt back: the item did not fail,
+/// ?1 id, ?2 token. Gives the attempt back: the item did not fail,
 /// the worker chose to stop.
 pub const RELEASE: &str = "
 UPDATE items
 SET status        = 'pending',
     attempts      = attempts - 1,
-    run_after     = ?3,
+    run_after     = 0,
     lease_owner   = NULL,
     lease_expires = NULL
 WHERE id = ?1 AND lease_token = ?2 AND status = 'running'";
@@ -82,11 +99,11 @@ FROM items
 WHERE status = 'running' AND lease_owner = ?1";
 
 pub const LOST_OF_WORKER: &str = "
-UPDATE items
+UPDATE OR FAIL items
 SET status        = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
     last_error    = 'worker ' || lease_owner || ' died while running this item (attempt '
                     || attempts || ' of ' || max_attempts || ')',
-    run_after     = ?2,
+    run_after     = 0,
     lease_owner   = NULL,
     lease_expires = NULL,
     finished_at   = CASE WHEN attempts >= max_attempts THEN ?2 END
@@ -102,41 +119,41 @@ FROM items
 WHERE status = 'running' AND lease_expires < ?2";
 
 pub const EXPIRED: &str = "
-UPDATE items
+UPDATE OR FAIL items
 SET status        = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
     last_error    = 'lease of worker ' || lease_owner || ' expired while running this item '
                     || '(worker died or stalled; attempt ' || attempts || ' of '
                     || max_attempts || ')',
-    run_after     = ?1,
+    run_after     = 0,
     lease_owner   = NULL,
     lease_expires = NULL,
     finished_at   = CASE WHEN attempts >= max_attempts THEN ?1 END
 WHERE status = 'running' AND lease_expires < ?2
 RETURNING status";
 
-/// ?1 payload, ?2 key, ?3 priority, ?4 max attempts, ?5 run_after, ?6 now.
+/// ?1 payload, ?2 key, ?3 priority, ?4 max attempts, ?5 run_after (0:
+/// ready now), ?6 now.
 pub const INSERT: &str = "
 INSERT INTO items (payload, key, priority, max_attempts, run_after, created_at)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
 ON CONFLICT (key) DO NOTHING";
 
-/// ?1 id, ?2 now. Fresh attempts for a failed, done or waiting item; a
-/// running item is left to its worker.
+/// ?1 id. Fresh attempts for a failed, done or waiting item; a running
+/// item is left to its worker.
 pub const RETRY: &str = "
 UPDATE items
 SET status      = 'pending',
     attempts    = 0,
-    run_after   = ?2,
+    run_after   = 0,
     result      = NULL,
     finished_at = NULL
 WHERE id = ?1 AND status IN ('failed', 'done', 'pending')";
 
-/// ?1 now.
 pub const RETRY_FAILED: &str = "
-UPDATE items
+UPDATE OR FAIL items
 SET status      = 'pending',
     attempts    = 0,
-    run_after   = ?1,
+    run_after   = 0,
     finished_at = NULL
 WHERE status = 'failed'";
 
@@ -158,13 +175,36 @@ pub const WORKER_GONE: &str = "
 UPDATE workers SET status = ?3, stopped_at = ?2 WHERE id = ?1 AND status = 'running'";
 
 /// The next item a claim would take, for the age of the queue's head.
-/// ?1 now.
+/// (Items whose delay passed since the last claim are not ready until the
+/// next claim moves them.)
 pub const HEAD: &str = "
 SELECT created_at
 FROM items
-WHERE status = 'pending' AND run_after <= ?1
+WHERE status = 'pending' AND run_after = 0
 ORDER BY priority DESC, id
 LIMIT 1";
+
+/// When the next waiting item is due.
+pub const NEXT_DUE: &str = "
+SELECT min(run_after) FROM items WHERE status = 'pending' AND run_after > 0";
+
+/// Adds to the kept counts. ?1 pending, ?2 running, ?3 done, ?4 failed.
+pub const COUNT: &str = "
+UPDATE counts
+SET n = n + CASE status WHEN 'pending' THEN ?1 WHEN 'running' THEN ?2
+                        WHEN 'done' THEN ?3 WHEN 'failed' THEN ?4 ELSE 0 END";
+
+/// Adds to the per-second finish counts. ?1 second, ?2 done, ?3 failed.
+pub const FINISHED: &str = "
+INSERT INTO throughput (second, done, failed)
+VALUES (?1, ?2, ?3)
+ON CONFLICT (second) DO UPDATE
+SET done = done + excluded.done,
+    failed = failed + excluded.failed";
+
+/// Counts taken afresh from the items: `status --recount`.
+pub const RECOUNT: &str = "
+UPDATE counts SET n = (SELECT count(*) FROM items WHERE items.status = counts.status)";
 
 /// Items finished in a window of seconds. ?1 from, ?2 to (exclusive).
 pub const RATES: &str = "

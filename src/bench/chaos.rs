@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use rusqlite::{Connection, OpenFlags};
 
 use crate::cli::BenchArgs;
@@ -37,9 +37,6 @@ struct ChaosReport {
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    if !args.chaos {
-        bail!("litework bench: only --chaos is available in this version");
-    }
     let exe = std::env::current_exe().context("finding the litework executable")?;
     let dir = match &args.dir {
         Some(d) => {
@@ -100,10 +97,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn chaos(exe: &Path, dir: &Path, args: &BenchArgs) -> anyhow::Result<ChaosReport> {
+    let n = args.items.unwrap_or(20_000);
+    let concurrency = args.concurrency.unwrap_or(2);
     let db = dir.join("chaos.db");
     let log = dir.join("ran");
     let input = dir.join("items.txt");
-    let items: String = (1..=args.items).map(|i| format!("{i}\n")).collect();
+    let items: String = (1..=n).map(|i| format!("{i}\n")).collect();
     std::fs::write(&input, items).context("writing the items")?;
     let started = Instant::now();
 
@@ -113,7 +112,7 @@ fn chaos(exe: &Path, dir: &Path, args: &BenchArgs) -> anyhow::Result<ChaosReport
         a.push(input.clone().into());
         for (flag, value) in [
             ("--workers", args.workers.to_string()),
-            ("--concurrency", args.concurrency.to_string()),
+            ("--concurrency", concurrency.to_string()),
             ("--max-attempts", "1000".to_string()),
             ("--restart-backoff", "10ms".to_string()),
             // A worker killed just before the supervisor is a death nobody
@@ -157,7 +156,7 @@ fn chaos(exe: &Path, dir: &Path, args: &BenchArgs) -> anyhow::Result<ChaosReport
             break;
         }
         let (done, workers) = peek(&db);
-        if !supervisor_killed && done >= (args.items / 3) as i64 {
+        if !supervisor_killed && done >= (n / 3) as i64 {
             run.kill().context("killing the supervisor")?;
             run.wait()?;
             // Its workers see their lifeline close, release and exit.
@@ -203,13 +202,13 @@ fn chaos(exe: &Path, dir: &Path, args: &BenchArgs) -> anyhow::Result<ChaosReport
         *runs.entry(line).or_default() += 1;
     }
     let extra_runs = runs.values().map(|n| n - 1).sum();
-    let passed = done == args.items as i64
+    let passed = done == n as i64
         && counts_agree
         && integrity == "ok"
-        && runs.len() == args.items
+        && runs.len() == n
         && supervisor_killed;
     Ok(ChaosReport {
-        items: args.items,
+        items: n,
         workers: args.workers,
         workers_killed: kills,
         supervisor_killed,
