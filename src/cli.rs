@@ -183,8 +183,9 @@ pub struct WorkerArgs {
     #[arg(long, value_parser = duration, default_value = "10s")]
     pub sweep_interval: Duration,
 
-    /// Longest pause between checks for new items when idle.
-    #[arg(long, value_parser = duration, default_value = "100ms")]
+    /// Longest pause between checks for new items when idle (a check is
+    /// one read of `PRAGMA data_version`, no lock).
+    #[arg(long, value_parser = duration, default_value = "4ms")]
     pub idle_poll: Duration,
 
     /// Limit each item's CPU time (seconds; SIGXCPU, then SIGKILL).
@@ -464,6 +465,12 @@ pub struct StatusArgs {
     /// One JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    /// Count the items afresh before reporting (a scan of the whole table).
+    /// Only needed after editing the items table by hand: litework keeps
+    /// the counts itself.
+    #[arg(long)]
+    pub recount: bool,
 }
 
 #[derive(Debug, Args)]

@@ -474,6 +474,9 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn status(queue: Queue, args: StatusArgs) -> anyhow::Result<ExitCode> {
+    if args.recount {
+        queue.session()?.recount()?;
+    }
     let s = queue.status()?;
     let mut out = std::io::stdout().lock();
     if args.json {

@@ -192,7 +192,7 @@ impl Default for WorkerConfig {
             follow: false,
             drain_timeout: Duration::from_secs(30),
             backoff: Backoff::default(),
-            idle_poll: Duration::from_millis(100),
+            idle_poll: Duration::from_millis(4),
             sweep_interval: Duration::from_secs(10),
             metrics_addr: None,
         }
@@ -1118,5 +1118,92 @@ mod tests {
                 .all(|r| r.status == "pending" && r.attempts == 0),
             "{rows:?}"
         );
+    }
+
+    #[test]
+    fn fast_items_are_claimed_in_batches_and_a_partly_failing_batch_is_recorded_once() {
+        let (_dir, queue) = queue_with(5000);
+        let runs = Arc::new(Mutex::new(HashMap::<i64, u32>::new()));
+        let seen = runs.clone();
+        let handler = move |job: &Job, _: &Cancel| {
+            *seen.lock().unwrap().entry(job.id).or_default() += 1;
+            let n: u32 = String::from_utf8_lossy(&job.payload).parse().unwrap_or(0);
+            if n % 3 == 0 {
+                Outcome::Fail(format!("{n} is a multiple of three"))
+            } else {
+                Outcome::Done(Vec::new())
+            }
+        };
+        let (_keep, stop) = crossbeam_channel::bounded(1);
+        let worker = Worker::new(queue.clone(), config(4), handler);
+        let claims = worker.claim_latency();
+        let report = worker.run(stop).unwrap();
+        assert_eq!((report.done, report.failed, report.lost), (3333, 1667, 0));
+        // Batches: far fewer claiming turns than items.
+        let turns = claims.snapshot().count();
+        assert!(turns < 5000 / 8, "{turns} claiming turns for 5000 items");
+        let runs = runs.lock().unwrap();
+        assert_eq!(runs.len(), 5000);
+        assert!(runs.values().all(|&n| n == 1), "an item ran twice");
+        let s = queue.status().unwrap();
+        assert_eq!((s.done, s.failed, s.pending, s.running), (3333, 1667, 0, 0));
+    }
+
+    #[test]
+    fn a_lease_lost_while_its_batch_runs_drops_only_that_outcome() {
+        let (dir, queue) = queue_with(40);
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let (started_tx, started) = crossbeam_channel::unbounded();
+        let held = gate.clone();
+        let handler = move |job: &Job, _: &Cancel| {
+            if job.id <= 4 {
+                let _ = started_tx.send(job.id);
+                let (open, cv) = &*held;
+                let mut open = open.lock().unwrap();
+                while !*open {
+                    open = cv.wait(open).unwrap();
+                }
+            }
+            Outcome::Done(Vec::new())
+        };
+        let (tx, stop) = crossbeam_channel::bounded(2);
+        let worker = Worker::new(queue.clone(), config(4), handler);
+        let run = std::thread::spawn(move || worker.run(stop));
+        for _ in 0..4 {
+            started.recv_timeout(Duration::from_secs(20)).unwrap();
+        }
+        // Item 2's lease passes to another worker while 1..=4 still run.
+        let thief = rusqlite::Connection::open(dir.path().join("q.db")).unwrap();
+        thief
+            .execute(
+                "UPDATE items SET lease_token = lease_token + 1, lease_owner = 'thief'
+                 WHERE id = 2",
+                [],
+            )
+            .unwrap();
+        {
+            let (open, cv) = &*gate;
+            *open.lock().unwrap() = true;
+            cv.notify_all();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while queue.status().unwrap().done < 39 {
+            assert!(Instant::now() < deadline, "39 items not done in 20 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Item 2 stays running under the thief, so the worker waits for
+        // it: stop it.
+        tx.send(()).unwrap();
+        tx.send(()).unwrap();
+        let report = run.join().unwrap().unwrap();
+        assert_eq!((report.done, report.lost), (39, 1));
+        let owner: String = thief
+            .query_row("SELECT lease_owner FROM items WHERE id = 2", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(owner, "thief");
+        let s = queue.status().unwrap();
+        assert_eq!((s.done, s.running), (39, 1));
     }
 }

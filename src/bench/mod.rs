@@ -128,12 +128,13 @@ pub fn bench(args: BenchArgs, durable: bool) -> anyhow::Result<ExitCode> {
         return chaos::bench(args);
     }
     let exe = std::env::current_exe().context("finding the litework executable")?;
+    let config = |msg: &str| litework::Error::Config(msg.to_string());
     if args.workers == 0 {
-        bail!("--workers must be at least 1");
+        return Err(config("--workers must be at least 1").into());
     }
     let concurrency = args.concurrency.unwrap_or(4);
     if concurrency == 0 {
-        bail!("--concurrency must be at least 1");
+        return Err(config("--concurrency must be at least 1").into());
     }
     let items = args.items.unwrap_or(200_000);
     let (dir, temporary) = bench_dir(args.dir.as_deref())?;
@@ -162,7 +163,11 @@ fn bench_dir(given: Option<&Path>) -> anyhow::Result<(PathBuf, bool)> {
             std::fs::create_dir_all(d).with_context(|| format!("--dir {}", d.display()))?;
             let mut entries = std::fs::read_dir(d).with_context(|| format!("{}", d.display()))?;
             if entries.next().is_some() {
-                bail!("--dir {}: not empty; bench makes fresh queues", d.display());
+                return Err(litework::Error::Config(format!(
+                    "--dir {}: not empty; bench makes fresh queues",
+                    d.display()
+                ))
+                .into());
             }
             Ok((d.to_path_buf(), false))
         }
@@ -586,8 +591,8 @@ fn status_at(exe: &Path, dir: &Path, n: u64, durable: bool) -> anyhow::Result<St
         let started = Instant::now();
         let body = http_get(exporter.addr(), "/metrics")?;
         scrape.push(started.elapsed());
-        if !body.contains("litework_items{") {
-            bail!("the scrape has no litework_items gauge");
+        if !body.contains("litework_queue_items{") {
+            bail!("the scrape has no litework_queue_items gauge");
         }
     }
     Ok(StatusAt {

@@ -437,11 +437,24 @@ impl Queue {
         };
         let result = prepare(path, &opts).and_then(|mut conn| {
             configure(&mut conn, "NORMAL").map_err(|e| Error::sqlite(path, e))?;
+            // Nobody else has this file yet: the items go straight into it
+            // with an in-memory rollback journal, instead of into the WAL
+            // and then a second time into the file. A crash leaves a
+            // broken stage file, but no name ever points at it.
+            journal_mode(&conn, path, "MEMORY")?;
             let report = add_in(&mut conn, path, items, default_max_attempts)?;
-            // Kept in WAL mode: a reader that opens the linked file before
-            // any litework does must not find a rollback journal there.
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-                .map_err(|e| Error::sqlite(path, e))?;
+            // Back to WAL: a reader that opens the linked file before any
+            // litework does must not find a rollback journal there.
+            let mode = journal_mode(&conn, path, "WAL")?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(Error::sqlite(
+                    path,
+                    rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                        Some(format!("journal mode stayed {mode}, not wal")),
+                    ),
+                ));
+            }
             Ok(report)
         });
         if result.is_err() {
@@ -449,6 +462,11 @@ impl Queue {
         }
         result
     }
+}
+
+fn journal_mode(conn: &Connection, path: &Path, mode: &str) -> Result<String> {
+    conn.query_row(&format!("PRAGMA journal_mode = {mode}"), [], |r| r.get(0))
+        .map_err(|e| Error::sqlite(path, e))
 }
 
 /// Checks and sets up the file at `path` with one plain connection: the
@@ -1119,7 +1137,8 @@ impl Session {
     pub fn data_version(&mut self) -> Result<i64> {
         let path = self.path.clone();
         self.conn
-            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
             .map_err(|e| Error::sqlite(&path, e))
     }
 
@@ -1273,34 +1292,28 @@ where
         .map_err(|e| Error::sqlite(path, e))?;
     let mut report = AddReport::default();
     {
-        let mut insert = tx
-            .prepare_cached(sql::INSERT)
-            .map_err(|e| Error::sqlite(path, e))?;
+        // Rows go in ADD_BATCH at a time, one statement each: the cost of
+        // running a statement is paid per batch instead of per row, while
+        // memory stays at one batch whatever the input's size.
         let now = now_ms();
-        for item in items {
-            // An input error returns here; dropping `tx` rolls back.
-            let item = item?;
-            let max = item.max_attempts.unwrap_or(default_max_attempts).max(1);
-            // 0 is "ready now"; a delay puts the item among the waiting.
-            let run_after = match item.delay.map(ms) {
-                Some(d) if d > 0 => now.saturating_add(d),
-                _ => 0,
-            };
-            let changed = insert
-                .execute(params![
-                    payload_value(&item.payload),
-                    item_key(&item),
-                    item.priority,
-                    max,
-                    run_after,
-                    now
-                ])
-                .map_err(|e| Error::sqlite(path, e))?;
-            if changed == 1 {
-                report.added += 1;
-            } else {
-                report.duplicates += 1;
+        let mut batch: Vec<NewItem> = Vec::with_capacity(ADD_BATCH);
+        let mut items = items.into_iter();
+        loop {
+            batch.clear();
+            for item in items.by_ref() {
+                // An input error returns here; dropping `tx` rolls back.
+                batch.push(item?);
+                if batch.len() == ADD_BATCH {
+                    break;
+                }
             }
+            if batch.is_empty() {
+                break;
+            }
+            let added = insert_batch(&tx, &batch, default_max_attempts, now)
+                .map_err(|e| Error::sqlite(path, e))?;
+            report.added += added as u64;
+            report.duplicates += (batch.len() - added) as u64;
         }
         let moves = Moves {
             pending: report.added as i64,
@@ -1312,6 +1325,36 @@ where
     }
     tx.commit().map_err(|e| Error::sqlite(path, e))?;
     Ok(report)
+}
+
+/// Rows per `INSERT` statement in [`add_in`].
+const ADD_BATCH: usize = 256;
+
+/// Inserts `batch` with one statement; returns how many rows were new.
+fn insert_batch(
+    tx: &Transaction<'_>,
+    batch: &[NewItem],
+    default_max_attempts: u32,
+    now: i64,
+) -> rusqlite::Result<usize> {
+    let mut insert = tx.prepare_cached(&sql::insert(batch.len()))?;
+    let mut at = 1;
+    for item in batch {
+        let max = item.max_attempts.unwrap_or(default_max_attempts).max(1);
+        // 0 is "ready now"; a delay puts the item among the waiting.
+        let run_after = match item.delay.map(ms) {
+            Some(d) if d > 0 => now.saturating_add(d),
+            _ => 0,
+        };
+        insert.raw_bind_parameter(at, payload_value(&item.payload))?;
+        insert.raw_bind_parameter(at + 1, item_key(item))?;
+        insert.raw_bind_parameter(at + 2, item.priority)?;
+        insert.raw_bind_parameter(at + 3, max)?;
+        insert.raw_bind_parameter(at + 4, run_after)?;
+        insert.raw_bind_parameter(at + 5, now)?;
+        at += 6;
+    }
+    insert.raw_execute()
 }
 
 /// Removes a database file and the -wal and -shm files beside it.

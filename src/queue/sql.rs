@@ -131,12 +131,22 @@ SET status        = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pendi
 WHERE status = 'running' AND lease_expires < ?2
 RETURNING status";
 
-/// ?1 payload, ?2 key, ?3 priority, ?4 max attempts, ?5 run_after (0:
-/// ready now), ?6 now.
-pub const INSERT: &str = "
-INSERT INTO items (payload, key, priority, max_attempts, run_after, created_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-ON CONFLICT (key) DO NOTHING";
+/// Inserts `rows` items, six parameters each: payload, key, priority,
+/// max attempts, run_after (0: ready now), now. A key already present
+/// skips its row.
+pub fn insert(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT OR FAIL INTO items (payload, key, priority, max_attempts, run_after, created_at)\nVALUES ",
+    );
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(",\n       ");
+        }
+        sql.push_str("(?, ?, ?, ?, ?, ?)");
+    }
+    sql.push_str("\nON CONFLICT (key) DO NOTHING");
+    sql
+}
 
 /// ?1 id. Fresh attempts for a failed, done or waiting item; a running
 /// item is left to its worker.

@@ -380,3 +380,182 @@ fn network_filesystems_are_recognised_by_their_statfs_type() {
     let dir = tempfile::tempdir().unwrap();
     assert_eq!(network_fs(&dir.path().join("q.db")), None);
 }
+
+#[test]
+fn one_turn_records_a_batch_in_which_one_lease_was_lost() {
+    let (_dir, queue) = fresh();
+    add(&queue, &["a", "b", "c", "d"]);
+    let jobs = queue.claim("w", 4, LEASE).unwrap();
+    assert_eq!(jobs.len(), 4);
+    // Another worker took "b" over (its lease expired and was claimed).
+    let mut s = queue.session().unwrap();
+    s.connection()
+        .execute(
+            "UPDATE items SET lease_token = lease_token + 1, lease_owner = 'thief' WHERE id = ?1",
+            [jobs[1].id],
+        )
+        .unwrap();
+    let done = |job: &Job| {
+        (
+            job.clone(),
+            Completion::Done {
+                result: b"ok".to_vec(),
+            },
+        )
+    };
+    let turn = Turn {
+        finished: vec![
+            done(&jobs[0]),
+            done(&jobs[1]),
+            (
+                jobs[2].clone(),
+                Completion::Failed {
+                    error: "bad".into(),
+                    kind: FailureKind::Permanent,
+                },
+            ),
+            (jobs[3].clone(), Completion::Release),
+        ],
+        claim: 10,
+        ..Turn::default()
+    };
+    let result = s.turn("w", LEASE, &turn).unwrap();
+    let recorded: Vec<Recorded> = result.recorded.iter().map(|&(_, r)| r).collect();
+    assert_eq!(
+        recorded,
+        [
+            Recorded::Recorded,
+            Recorded::LeaseLost,
+            Recorded::Recorded,
+            Recorded::Recorded
+        ]
+    );
+    // The released item is claimed again in the same turn.
+    assert_eq!(result.claimed.len(), 1);
+    assert_eq!(result.claimed[0].id, jobs[3].id);
+    // The thief's lease is untouched by the outcome that lost it.
+    let (status, owner): (String, String) = s
+        .connection()
+        .query_row(
+            "SELECT status, lease_owner FROM items WHERE id = ?1",
+            [jobs[1].id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((status.as_str(), owner.as_str()), ("running", "thief"));
+    assert_eq!(real_counts(&queue), kept_counts(&queue));
+    let st = queue.status().unwrap();
+    assert_eq!((st.done, st.failed, st.running, st.pending), (1, 1, 2, 0));
+}
+
+#[test]
+fn waiting_items_leave_the_ready_index_and_come_back_when_due() {
+    let (_dir, queue) = fresh();
+    let delayed = NewItem {
+        delay: Some(Duration::from_millis(300)),
+        ..NewItem::new("later")
+    };
+    queue
+        .add([Ok(NewItem::new("now")), Ok(delayed)], 3)
+        .unwrap();
+    let mut s = queue.session().unwrap();
+    let now = now_ms();
+    let due = s.next_ready_at().unwrap().expect("one item waits");
+    assert!(due > now && due <= now + 300, "{due} vs {now}");
+    let first = queue.claim("w", 10, LEASE).unwrap();
+    assert_eq!(first.len(), 1, "only the ready item");
+    wait_for(|| now_ms() >= due);
+    let second = queue.claim("w", 10, LEASE).unwrap();
+    assert_eq!(second.len(), 1, "the waiting item, once due");
+    assert_eq!(s.next_ready_at().unwrap(), None);
+    assert_eq!(real_counts(&queue), kept_counts(&queue));
+}
+
+/// Spins (with short naps) until `ready` holds, for at most 20 s.
+fn wait_for(mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not met in 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn promoting_and_finding_waiting_items_use_their_index() {
+    let (_dir, queue) = fresh();
+    let s = queue.session().unwrap();
+    for (sql, params) in [(sql::PROMOTE, 1), (sql::NEXT_DUE, 0), (sql::HEAD, 0)] {
+        let explain = format!("EXPLAIN QUERY PLAN {sql}");
+        let mut stmt = s.connection().prepare(&explain).unwrap();
+        let args: Vec<i64> = vec![0; params];
+        let plan: Vec<String> = stmt
+            .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        let text = plan.join("\n");
+        assert!(
+            plan.iter()
+                .all(|l| !l.starts_with("SCAN items") || l.contains("INDEX")),
+            "{sql}: table scan:\n{text}"
+        );
+        assert!(text.contains("INDEX items_"), "{sql}: no index:\n{text}");
+    }
+}
+
+#[test]
+fn a_version_1_file_is_migrated_with_its_counts_and_waiting_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    {
+        let mut conn = Connection::open(&path).unwrap();
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+            .unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute_batch(schema::MIGRATIONS[0]).unwrap();
+        tx.pragma_update(None, "user_version", 1).unwrap();
+        tx.pragma_update(None, "application_id", schema::APPLICATION_ID)
+            .unwrap();
+        // Version 1 kept counts with triggers, and stored "ready" as a
+        // run_after in the past.
+        let now = now_ms();
+        tx.execute_batch(&format!(
+            "INSERT INTO items (payload, created_at, run_after) VALUES ('ready', {now}, {now});
+             INSERT INTO items (payload, created_at, run_after) VALUES ('later', {now}, {});
+             INSERT INTO items (payload, created_at, status, finished_at)
+                 VALUES ('old', {now}, 'done', {now});",
+            now + 3_600_000
+        ))
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let queue = Queue::open(&path).unwrap();
+    let mut s = queue.session().unwrap();
+    let version: i64 = s
+        .connection()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, schema::latest());
+    assert_eq!(real_counts(&queue), kept_counts(&queue));
+    let claimed = queue.claim("w", 10, LEASE).unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].payload, b"ready");
+    assert!(s.next_ready_at().unwrap().is_some(), "'later' still waits");
+    assert_eq!(real_counts(&queue), kept_counts(&queue));
+}
+
+#[test]
+fn recount_repairs_counts_after_a_hand_edit() {
+    let (_dir, queue) = fresh();
+    add(&queue, &["a", "b", "c"]);
+    let mut s = queue.session().unwrap();
+    s.connection()
+        .execute("UPDATE items SET status = 'done' WHERE id = 1", [])
+        .unwrap();
+    assert_ne!(real_counts(&queue), kept_counts(&queue));
+    s.recount().unwrap();
+    assert_eq!(real_counts(&queue), kept_counts(&queue));
+}

@@ -214,3 +214,25 @@ fn reading_verbs_commit_nothing() {
         assert_eq!(version(), before, "{verb:?} wrote to the database");
     }
 }
+
+#[test]
+fn status_recount_repairs_counts_after_a_hand_edit() {
+    let sb = Sandbox::new();
+    sb.add("lines", "a\nb\nc\n", &[]);
+    rusqlite::Connection::open(sb.db())
+        .unwrap()
+        .execute("UPDATE items SET status = 'failed' WHERE id = 2", [])
+        .unwrap();
+    let before = sb.lw(["status", "--json"]).run();
+    assert!(
+        before.stdout_text().contains("\"failed\":0"),
+        "{}",
+        before.stdout_text()
+    );
+    let after = sb.lw(["status", "--json", "--recount"]).run();
+    let text = after.stdout_text();
+    assert!(
+        text.contains("\"failed\":1") && text.contains("\"pending\":2"),
+        "{text}"
+    );
+}

@@ -2,6 +2,7 @@
 //! `litework` executable against a database of its own in a temporary
 //! directory of its own.
 
+mod bench;
 mod chaos;
 mod cli;
 mod database;
