@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Reproduces every figure of the README's "Performance" section, each side
+# by side with its baseline in the same run, on this machine.
+#
+#   bash benches/run.sh            # all of it (about 3 minutes on 2 cores)
+#   SEED=path/to/seed_pattern.py bash benches/run.sh   # also the Python seed
+#
+# Needs: a release build (made here), xargs, and GNU parallel for the
+# spawn comparison (Debian: apt-get install parallel; the moreutils
+# `parallel` is a different program and is skipped).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release --locked --quiet
+lw=${CARGO_TARGET_DIR:-target}/release/litework
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+section() { printf '\n== %s\n' "$1"; }
+
+section "no-op items: raw SQLite, the plain pattern, litework (4 workers x 4), pickup"
+"$lw" bench --items 200000 -w 4 -c 4 --compare-seed --pickup 500
+
+if [[ -n "${SEED:-}" ]]; then
+    section "the plain pattern in Python (${SEED}), same machine"
+    python3 "$SEED" --items 20000 --workers 4
+fi
+
+section "16 worker processes on $(nproc) cores"
+"$lw" bench --items 200000 -w 16 -c 4
+
+section "one process spawned per item: 5000 x true"
+seq 1 5000 > "$work/items"
+timed() {
+    local name=$1; shift
+    local start end us
+    start=${EPOCHREALTIME/./}
+    "$@" > /dev/null 2>&1
+    end=${EPOCHREALTIME/./}
+    us=$((end - start))
+    printf '  %-34s %d.%02d s\n' "$name" $((us / 1000000)) $((us % 1000000 / 10000))
+}
+timed "litework run -w 4 -c 1 -- true" \
+    "$lw" --db "$work/spawn.db" -q run -w 4 -c 1 --progress none --input "$work/items" -- true
+timed "xargs -P 4 -n 1 true" sh -c "xargs -P 4 -n 1 true < '$work/items'"
+if parallel --version 2>/dev/null | grep -q 'GNU parallel'; then
+    timed "GNU parallel -j 4 true" sh -c "parallel -j 4 true < '$work/items'"
+else
+    echo "  GNU parallel: not installed, skipped"
+fi
+
+section "add 1,000,000 items, then run them (worker memory over the run)"
+"$lw" bench --items 1000000 -w 4 -c 4
+
+section "status and a metrics scrape at 10,000,000 items"
+"$lw" bench --items 10000 --status-at 10000000
