@@ -885,8 +885,8 @@ impl Session {
             let mut out = TurnResult::default();
             let mut moves = Moves::default();
             let mut finished = 0i64;
-            for (job, completion) in &turn.finished {
-                let recorded = record_in(tx, job, completion, now, &mut moves)?;
+            let recorded = record_all(tx, &turn.finished, now, &mut moves)?;
+            for ((job, completion), recorded) in turn.finished.iter().zip(recorded) {
                 let counts = !matches!(completion, Completion::Release);
                 if recorded == Recorded::Recorded && counts {
                     finished += 1;
@@ -1365,6 +1365,64 @@ pub fn remove_files(path: &Path) {
         let _ = std::fs::remove_file(name);
     }
 }
+
+/// Records many outcomes; what happened to each, in order. Successes go
+/// in multi-row statements ([`sql::complete`]), the rest one by one.
+fn record_all(
+    tx: &Transaction<'_>,
+    finished: &[(Job, Completion)],
+    now: i64,
+    moves: &mut Moves,
+) -> rusqlite::Result<Vec<Recorded>> {
+    let mut out = vec![Recorded::LeaseLost; finished.len()];
+    let mut done: Vec<usize> = Vec::new();
+    for (i, (job, completion)) in finished.iter().enumerate() {
+        match completion {
+            Completion::Done { .. } => done.push(i),
+            other => out[i] = record_in(tx, job, other, now, moves)?,
+        }
+    }
+    let mut rest = &done[..];
+    while !rest.is_empty() {
+        // A few fixed sizes, so the statement cache holds them all.
+        let size = COMPLETE_SIZES
+            .iter()
+            .copied()
+            .find(|&n| n <= rest.len())
+            .unwrap_or(1);
+        let (chunk, tail) = rest.split_at(size);
+        rest = tail;
+        let mut stmt = tx.prepare_cached(&sql::complete(size))?;
+        stmt.raw_bind_parameter(1, now)?;
+        for (k, &i) in chunk.iter().enumerate() {
+            let (job, completion) = &finished[i];
+            let result: &[u8] = match completion {
+                Completion::Done { result } => result,
+                _ => &[],
+            };
+            let at = 2 + 3 * k;
+            stmt.raw_bind_parameter(at, job.id)?;
+            stmt.raw_bind_parameter(at + 1, job.token)?;
+            stmt.raw_bind_parameter(at + 2, payload_value(result))?;
+        }
+        let mut changed = std::collections::HashSet::with_capacity(size);
+        let mut rows = stmt.raw_query();
+        while let Some(row) = rows.next()? {
+            changed.insert((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?));
+        }
+        for &i in chunk {
+            let job = &finished[i].0;
+            if changed.contains(&(job.id, job.token)) {
+                out[i] = Recorded::Recorded;
+                moves.shift("running", "done");
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Rows per statement when recording successes, largest first.
+const COMPLETE_SIZES: [usize; 4] = [64, 16, 4, 1];
 
 fn record_in(
     tx: &Transaction<'_>,

@@ -51,6 +51,34 @@ SET status        = 'done',
     finished_at   = ?4
 WHERE id = ?1 AND lease_token = ?2 AND status = 'running'";
 
+/// Records `rows` successes at once: ?1 now, then id, token and result
+/// for each. Returns `(id, lease_token)` of each row it changed; a lease
+/// not among them was lost. Each row is fenced exactly as [`COMPLETE`].
+pub fn complete(rows: usize) -> String {
+    let mut sql = String::from(
+        "UPDATE OR FAIL items
+SET status        = 'done',
+    result        = v.column3,
+    last_error    = NULL,
+    lease_owner   = NULL,
+    lease_expires = NULL,
+    finished_at   = ?1
+FROM (VALUES ",
+    );
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str("(?, ?, ?)");
+    }
+    sql.push_str(
+        ") AS v
+WHERE items.id = v.column1 AND items.lease_token = v.column2 AND items.status = 'running'
+RETURNING items.id, items.lease_token",
+    );
+    sql
+}
+
 /// ?1 id, ?2 token, ?3 now, ?4 outcome, ?5 error. Runs before [`FAIL`],
 /// while the row still shows the lease it records.
 pub const HISTORY: &str = "
