@@ -559,3 +559,72 @@ fn recount_repairs_counts_after_a_hand_edit() {
     s.recount().unwrap();
     assert_eq!(real_counts(&queue), kept_counts(&queue));
 }
+
+#[test]
+fn recording_a_batch_looks_rows_up_by_id() {
+    let (_dir, queue) = fresh();
+    let s = queue.session().unwrap();
+    let sql = format!("EXPLAIN QUERY PLAN {}", sql::complete(3));
+    let mut stmt = s.connection().prepare(&sql).unwrap();
+    let plan: Vec<String> = stmt
+        .query_map(rusqlite::params_from_iter([0i64; 10]), |r| {
+            r.get::<_, String>(3)
+        })
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    let text = plan.join("\n");
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("SEARCH items USING INTEGER PRIMARY KEY")),
+        "plan:\n{text}"
+    );
+    assert!(
+        !plan.iter().any(|l| l.starts_with("SCAN items")),
+        "table scan in plan:\n{text}"
+    );
+}
+
+#[test]
+fn a_batch_with_the_same_item_under_two_leases_records_only_the_live_one() {
+    let (_dir, queue) = fresh();
+    add(&queue, &["a", "b", "c"]);
+    let old = queue.claim("w", 1, LEASE).unwrap().remove(0);
+    // The lease expired and the same worker claimed the item again.
+    queue.session().unwrap().requeue_worker("w").unwrap();
+    let mut others = queue.claim("w", 3, LEASE).unwrap();
+    let new = others.remove(0);
+    assert_eq!(old.id, new.id);
+    let done = |job: &Job, result: &str| {
+        (
+            job.clone(),
+            Completion::Done {
+                result: result.as_bytes().to_vec(),
+            },
+        )
+    };
+    let turn = Turn {
+        // Four successes go in one statement.
+        finished: vec![
+            done(&old, "stale"),
+            done(&new, "fresh"),
+            done(&others[0], "b"),
+            done(&others[1], "c"),
+        ],
+        ..Turn::default()
+    };
+    let result = queue.session().unwrap().turn("w", LEASE, &turn).unwrap();
+    let recorded: Vec<Recorded> = result.recorded.iter().map(|&(_, r)| r).collect();
+    assert_eq!(
+        recorded,
+        [
+            Recorded::LeaseLost,
+            Recorded::Recorded,
+            Recorded::Recorded,
+            Recorded::Recorded
+        ]
+    );
+    let rows = queue.session().unwrap().list(None, None).unwrap();
+    assert_eq!(rows[0].result.as_deref(), Some(&b"fresh"[..]));
+    assert_eq!(real_counts(&queue), kept_counts(&queue));
+}
