@@ -208,7 +208,8 @@ pub struct WorkerReport {
     pub failed: u64,
     /// Outcomes dropped because the lease had been taken away.
     pub lost: u64,
-    /// Items handed back unfinished at shutdown.
+    /// Items handed back unfinished: at shutdown, or claimed ahead and
+    /// left waiting [`HOLD_LIMIT`] while the running ones took long.
     pub released: u64,
 }
 
@@ -259,6 +260,7 @@ pub struct Worker {
 struct InFlight {
     job: Job,
     cancel: Arc<Cancel>,
+    claimed: Instant,
 }
 
 /// An executor's report. The lease token is part of the key: after a lost
@@ -313,6 +315,10 @@ const MAX_DEPTH: usize = 2048;
 pub const FLUSH_AFTER: Duration = Duration::from_millis(5);
 /// How often the finish rate behind `depth` is measured.
 const RATE_WINDOW: Duration = Duration::from_millis(25);
+/// A claimed item that waited this long for an executor goes back to the
+/// queue: the work became slower than the batch was sized for, and other
+/// workers may be idle.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(1);
 
 impl Worker {
     pub fn new(queue: Queue, config: WorkerConfig, handler: impl Handler) -> Worker {
@@ -400,6 +406,7 @@ impl Worker {
             },
             stopping: None,
             cancelled_all: None,
+            last_hand_back: Instant::now(),
             idle: None,
             poll: MIN_POLL,
             last_heartbeat: Instant::now(),
@@ -501,6 +508,8 @@ struct Loop<'a> {
     stopping: Option<Instant>,
     /// When every running item was cancelled for shutdown.
     cancelled_all: Option<Instant>,
+    /// When held items were last checked by `hand_back_stale`.
+    last_hand_back: Instant,
     /// Set when a claim found less than it asked for.
     idle: Option<Idle>,
     poll: Duration,
@@ -517,11 +526,14 @@ struct Trouble {
     failures: u64,
     logged: Instant,
     last: String,
+    /// No write is tried before this.
+    retry_at: Instant,
 }
 
 /// What the last claim that came up short saw.
 struct Idle {
-    data_version: i64,
+    /// `None` if it could not be read: check by claiming.
+    data_version: Option<i64>,
     next_ready_at: Option<i64>,
 }
 
@@ -530,6 +542,7 @@ impl Loop<'_> {
         loop {
             self.collect();
             self.enforce_deadlines();
+            self.hand_back_stale();
 
             let held = self.in_flight.len();
             // An executor may be idle, or about to be.
@@ -553,7 +566,11 @@ impl Loop<'_> {
                         .finished_since
                         .is_some_and(|t| t.elapsed() >= FLUSH_AFTER));
             let beat = self.last_heartbeat.elapsed() >= self.cfg.lease / 3;
-            if flush || want > 0 || beat {
+            let may_write = self
+                .trouble
+                .as_ref()
+                .is_none_or(|t| Instant::now() >= t.retry_at);
+            if (flush || want > 0 || beat) && may_write {
                 self.turn(want, beat)?;
             }
             if self.trouble.is_none() && self.sweep_due() {
@@ -586,6 +603,47 @@ impl Loop<'_> {
             }
             self.wait();
         }
+    }
+
+    /// Releases the claimed items that waited [`HOLD_LIMIT`] without an
+    /// executor (their attempt is given back). Looked at every tenth of
+    /// the limit at most.
+    fn hand_back_stale(&mut self) {
+        if self.stopping.is_some()
+            || self.in_flight.len() <= self.executors()
+            || self.last_hand_back.elapsed() < HOLD_LIMIT / 10
+        {
+            return;
+        }
+        self.last_hand_back = Instant::now();
+        let stale =
+            |f: &InFlight| f.cancel.started().is_none() && f.claimed.elapsed() >= HOLD_LIMIT;
+        if !self.in_flight.values().any(stale) {
+            return;
+        }
+        let mut waiting = Vec::new();
+        while let Ok(queued) = self.job_rx.try_recv() {
+            waiting.push(queued);
+        }
+        let mut released = 0;
+        for (job, cancel) in waiting {
+            let key = (job.id, job.token);
+            if self.in_flight.get(&key).is_some_and(stale) {
+                self.in_flight.remove(&key);
+                self.push_finished(job, Completion::Release);
+                released += 1;
+            } else if let Some(tx) = &self.job_tx {
+                if let Err(e) = tx.send((job, cancel)) {
+                    let (job, _) = e.into_inner();
+                    self.in_flight.remove(&key);
+                    self.push_finished(job, Completion::Release);
+                }
+            }
+        }
+        debug!(worker = %self.id, released, "handed back items that waited too long");
+        // Items got slow: hold no more than the executors until the
+        // measured rate says otherwise.
+        self.depth = self.executors();
     }
 
     fn executors(&self) -> usize {
@@ -631,7 +689,10 @@ impl Loop<'_> {
         if idle.next_ready_at.is_some_and(|at| at <= now_ms()) {
             return Ok(true);
         }
-        Ok(self.session.data_version()? != idle.data_version)
+        let Some(seen) = idle.data_version else {
+            return Ok(true);
+        };
+        Ok(self.session.data_version()? != seen)
     }
 
     fn turn(&mut self, want: usize, beat: bool) -> Result<()> {
@@ -679,7 +740,12 @@ impl Loop<'_> {
         for ((job, completion), (_, recorded)) in turn.finished.iter().zip(&result.recorded) {
             self.count(job, completion, *recorded);
         }
-        self.adapt(turn.finished.len());
+        let outcomes = turn
+            .finished
+            .iter()
+            .filter(|(_, c)| !matches!(c, Completion::Release))
+            .count();
+        self.adapt(outcomes);
         for key in &result.lost {
             if let Some(f) = self.in_flight.get(key) {
                 let item = key.0;
@@ -687,21 +753,30 @@ impl Loop<'_> {
                 f.cancel.cancel(CancelReason::LeaseLost);
             }
         }
-        if want > 0 && result.claimed.len() < want {
-            // `data_version` first: a commit landing between the two reads
-            // shows up in `next_ready_at`, so it cannot be missed.
-            self.idle = Some(Idle {
-                data_version: self.session.data_version()?,
-                next_ready_at: self.session.next_ready_at()?,
-            });
-        } else if want > 0 {
-            self.idle = None;
-        }
+        let short = want > 0 && result.claimed.len() < want;
         if !result.claimed.is_empty() {
             self.poll = MIN_POLL;
         }
+        // Held before anything else can fail: a claimed item must be in
+        // `in_flight` to be run or released.
         for job in result.claimed {
             self.dispatch(job);
+        }
+        if short {
+            // `data_version` first: a commit landing between the two reads
+            // shows up in `next_ready_at`, so it cannot be missed. A failed
+            // read only means the next check claims to find out.
+            let data_version = self.session.data_version().ok();
+            let next_ready_at = match data_version {
+                Some(_) => self.session.next_ready_at().ok().flatten(),
+                None => None,
+            };
+            self.idle = Some(Idle {
+                data_version,
+                next_ready_at,
+            });
+        } else if want > 0 {
+            self.idle = None;
         }
         Ok(())
     }
@@ -736,6 +811,7 @@ impl Loop<'_> {
         let flight = InFlight {
             job: job.clone(),
             cancel: cancel.clone(),
+            claimed: Instant::now(),
         };
         self.in_flight.insert((job.id, job.token), flight);
         debug!(worker = %self.id, item = job.id, attempt = job.attempt, "claimed");
@@ -862,6 +938,8 @@ impl Loop<'_> {
     /// left behind and end with the process. Best effort: if the database
     /// refuses, the leases expire and a sweep takes them back.
     fn abandon(&mut self) {
+        // Outcomes already posted are kept, not turned into releases.
+        self.collect();
         let items = self.in_flight.len();
         warn!(worker = %self.id, items, "handlers ignored cancellation; releasing their items");
         let held: Vec<Job> = self.in_flight.values().map(|f| f.job.clone()).collect();
@@ -926,9 +1004,14 @@ impl Loop<'_> {
             failures: 0,
             logged: now,
             last: String::new(),
+            retry_at: now,
         });
         t.failures += 1;
         t.last = e.to_string();
+        // 10 ms doubling to 1 s between tries: a full disk must not be
+        // retried flat out.
+        let backoff = Duration::from_millis(10 << t.failures.min(7).saturating_sub(1));
+        t.retry_at = now + backoff.min(Duration::from_secs(1));
         // Logged on the first failure, then at most once a minute.
         if t.failures == 1 || t.logged.elapsed() >= Duration::from_secs(60) {
             t.logged = now;
@@ -961,7 +1044,12 @@ impl Loop<'_> {
         }
 
         let now = Instant::now();
-        let mut until = self.last_heartbeat + self.cfg.lease / 3;
+        // While writes fail, nothing but the next try (and the deadlines
+        // below) is worth waking for.
+        let mut until = match &self.trouble {
+            Some(t) => t.retry_at,
+            None => self.last_heartbeat + self.cfg.lease / 3,
+        };
         let mut consider = |t: Instant| until = until.min(t);
         if let Some(limit) = self.cfg.timeout {
             for f in self.in_flight.values() {
@@ -977,7 +1065,7 @@ impl Loop<'_> {
                 }
             }
         }
-        if let Some(at) = self.finished_since {
+        if let (Some(at), None) = (self.finished_since, &self.trouble) {
             consider(at + FLUSH_AFTER);
         }
         if let Some(d) = self.stopping {
@@ -988,9 +1076,7 @@ impl Loop<'_> {
         if let Some(at) = self.cancelled_all {
             consider(at + ABANDON_AFTER);
         }
-        if self.trouble.is_some() {
-            consider(now + Duration::from_secs(1));
-        } else {
+        if self.trouble.is_none() {
             if let Some(at) = self.last_sweep {
                 consider(at + self.cfg.sweep_interval);
             }
@@ -1205,5 +1291,66 @@ mod tests {
         assert_eq!(owner, "thief");
         let s = queue.status().unwrap();
         assert_eq!((s.done, s.running), (39, 1));
+    }
+
+    #[test]
+    fn items_claimed_ahead_go_back_when_the_work_turns_slow() {
+        let (dir, queue) = queue_with(2100);
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let held = gate.clone();
+        let handler = move |job: &Job, _: &Cancel| {
+            if job.id > 2000 {
+                let (open, cv) = &*held;
+                let mut open = open.lock().unwrap();
+                while !*open {
+                    open = cv.wait(open).unwrap();
+                }
+            }
+            Outcome::Done(Vec::new())
+        };
+        let (_keep, stop) = crossbeam_channel::bounded(1);
+        let worker = Worker::new(queue.clone(), config(1), handler);
+        let run = std::thread::spawn(move || worker.run(stop));
+        // The fast items grew the batch, so the slow ones were claimed
+        // ahead; stuck behind the one running, they must be handed back.
+        let watch = rusqlite::Connection::open(dir.path().join("q.db")).unwrap();
+        let slow = || -> (i64, i64) {
+            watch
+                .query_row(
+                    "SELECT count(*) FILTER (WHERE status = 'pending'),
+                            count(*) FILTER (WHERE status = 'running')
+                     FROM items WHERE id > 2000",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut claimed_ahead = false;
+        loop {
+            let (pending, running) = slow();
+            claimed_ahead |= running >= 10;
+            if claimed_ahead && pending >= 90 && running <= 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "claimed ahead: {claimed_ahead}; {pending} pending, {running} running"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        {
+            let (open, cv) = &*gate;
+            *open.lock().unwrap() = true;
+            cv.notify_all();
+        }
+        let report = run.join().unwrap().unwrap();
+        assert_eq!(report.done, 2100);
+        assert!(report.released > 0, "{report:?}");
+        // A handed-back item got its attempt back.
+        let most: i64 = watch
+            .query_row("SELECT max(attempts) FROM items", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(most, 1);
     }
 }

@@ -1412,7 +1412,9 @@ fn record_all(
         }
         for &i in chunk {
             let job = &finished[i].0;
-            if changed.contains(&(job.id, job.token)) {
+            // Removed as it is matched: the same lease twice in one batch
+            // is recorded once.
+            if changed.remove(&(job.id, job.token)) {
                 out[i] = Recorded::Recorded;
                 moves.shift("running", "done");
             }
