@@ -51,6 +51,9 @@ pub enum PayloadMode {
 #[derive(Debug, Clone)]
 pub struct CommandSpec {
     program: OsString,
+    /// `program` as found in `PATH` at start: each spawn then executes it
+    /// directly instead of trying every `PATH` directory in the child.
+    resolved: PathBuf,
     args: Vec<OsString>,
     mode: PayloadMode,
     append_payload: bool,
@@ -145,11 +148,12 @@ impl CommandSpec {
                 (program, it.collect())
             }
         };
-        resolve_program(&program)?;
+        let resolved = resolve_program(&program)?;
         let append_payload =
             mode == PayloadMode::Argument && !args.iter().any(|a| contains(a.as_bytes(), b"{}"));
         Ok(CommandSpec {
             program,
+            resolved,
             args,
             mode,
             append_payload,
@@ -210,8 +214,10 @@ impl CommandSpec {
             }
         }
 
-        let mut cmd = std::process::Command::new(&self.program);
-        cmd.args(self.argv(job))
+        let mut cmd = std::process::Command::new(&self.resolved);
+        // The program sees its name as it was given, not the resolved path.
+        cmd.arg0(&self.program)
+            .args(self.argv(job))
             .env("LITEWORK_ITEM_ID", job.id.to_string())
             .env("LITEWORK_ATTEMPT", job.attempt.to_string())
             .env("LITEWORK_MAX_ATTEMPTS", job.max_attempts.to_string())

@@ -257,3 +257,20 @@ fn argument_longer_than_linux_allows_fails_pointing_at_stdin() {
     let outcomes: Vec<_> = sb.attempts().into_iter().map(|a| a.outcome).collect();
     assert_eq!(outcomes, ["permanent", "permanent"]);
 }
+
+#[test]
+fn the_command_sees_its_name_as_given_though_it_runs_from_path() {
+    let sb = Sandbox::new();
+    sb.add("lines", "x\n", &[]);
+    // The shell's own command line, first word: its argv[0].
+    sb.lw([
+        "worker",
+        "--",
+        "sh",
+        "-c",
+        r#"head -c 3 "/proc/$$/cmdline""#,
+        "{}",
+    ])
+    .run();
+    assert_eq!(sb.only_item().result.as_deref(), Some(&b"sh\0"[..]));
+}
