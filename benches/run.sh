@@ -43,6 +43,11 @@ timed() {
 timed "litework run -w 4 -c 1 -- true" \
     "$lw" --db "$work/spawn.db" -q run -w 4 -c 1 --progress none --input "$work/items" -- true
 timed "xargs -P 4 -n 1 true" sh -c "xargs -P 4 -n 1 true < '$work/items'"
+# Run directly: under `cargo bench`, cargo's LD_LIBRARY_PATH makes every
+# spawned `true` search more directories for its libraries.
+loop_bin=$(cargo bench --locked --no-run --bench spawn_loop 2>&1 |
+    sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
+timed "bare Rust spawn loop, 4 threads" "$loop_bin" 5000 4 true
 if parallel --version 2>/dev/null | grep -q 'GNU parallel'; then
     timed "GNU parallel -j 4 true" sh -c "parallel -j 4 true < '$work/items'"
 else
