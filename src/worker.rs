@@ -1135,6 +1135,26 @@ mod tests {
         (dir, queue)
     }
 
+    /// Handlers wait at a gate until the test opens it.
+    #[derive(Clone, Default)]
+    struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+    impl Gate {
+        fn wait(&self) {
+            let (open, cv) = &*self.0;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+        }
+
+        fn open(&self) {
+            let (open, cv) = &*self.0;
+            *open.lock().unwrap() = true;
+            cv.notify_all();
+        }
+    }
+
     fn config(concurrency: usize) -> WorkerConfig {
         WorkerConfig {
             concurrency,
@@ -1238,17 +1258,13 @@ mod tests {
     #[test]
     fn a_lease_lost_while_its_batch_runs_drops_only_that_outcome() {
         let (dir, queue) = queue_with(40);
-        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let gate = Gate::default();
         let (started_tx, started) = crossbeam_channel::unbounded();
         let held = gate.clone();
         let handler = move |job: &Job, _: &Cancel| {
             if job.id <= 4 {
                 let _ = started_tx.send(job.id);
-                let (open, cv) = &*held;
-                let mut open = open.lock().unwrap();
-                while !*open {
-                    open = cv.wait(open).unwrap();
-                }
+                held.wait();
             }
             Outcome::Done(Vec::new())
         };
@@ -1267,11 +1283,7 @@ mod tests {
                 [],
             )
             .unwrap();
-        {
-            let (open, cv) = &*gate;
-            *open.lock().unwrap() = true;
-            cv.notify_all();
-        }
+        gate.open();
         let deadline = Instant::now() + Duration::from_secs(20);
         while queue.status().unwrap().done < 39 {
             assert!(Instant::now() < deadline, "39 items not done in 20 s");
@@ -1296,15 +1308,11 @@ mod tests {
     #[test]
     fn items_claimed_ahead_go_back_when_the_work_turns_slow() {
         let (dir, queue) = queue_with(2100);
-        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let gate = Gate::default();
         let held = gate.clone();
         let handler = move |job: &Job, _: &Cancel| {
             if job.id > 2000 {
-                let (open, cv) = &*held;
-                let mut open = open.lock().unwrap();
-                while !*open {
-                    open = cv.wait(open).unwrap();
-                }
+                held.wait();
             }
             Outcome::Done(Vec::new())
         };
@@ -1339,11 +1347,7 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        {
-            let (open, cv) = &*gate;
-            *open.lock().unwrap() = true;
-            cv.notify_all();
-        }
+        gate.open();
         let report = run.join().unwrap().unwrap();
         assert_eq!(report.done, 2100);
         assert!(report.released > 0, "{report:?}");

@@ -41,17 +41,25 @@ fn kept_counts(queue: &Queue) -> Vec<(String, i64)> {
 
 const LEASE: Duration = Duration::from_secs(30);
 
+/// `EXPLAIN QUERY PLAN` of `sql` with `params` zeros bound: one line per
+/// step.
+fn plan(queue: &Queue, sql: &str, params: usize) -> Vec<String> {
+    let s = queue.session().unwrap();
+    let mut stmt = s
+        .connection()
+        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+        .unwrap();
+    let zeros = vec![0i64; params];
+    stmt.query_map(rusqlite::params_from_iter(zeros), |r| r.get::<_, String>(3))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
 #[test]
 fn claim_uses_the_partial_index_and_no_table_scan() {
     let (_dir, queue) = fresh();
-    let s = queue.session().unwrap();
-    let sql = format!("EXPLAIN QUERY PLAN {}", sql::CLAIM);
-    let mut stmt = s.connection().prepare(&sql).unwrap();
-    let plan: Vec<String> = stmt
-        .query_map(params!["w", 0, 0, 1], |r| r.get::<_, String>(3))
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect();
+    let plan = plan(&queue, sql::CLAIM, 4);
     let text = plan.join("\n");
     // The subquery walks items_ready in claim order; the outer UPDATE looks
     // rows up by id. Any other scan of items would grow with the queue.
@@ -486,16 +494,8 @@ fn wait_for(mut ready: impl FnMut() -> bool) {
 #[test]
 fn promoting_and_finding_waiting_items_use_their_index() {
     let (_dir, queue) = fresh();
-    let s = queue.session().unwrap();
     for (sql, params) in [(sql::PROMOTE, 1), (sql::NEXT_DUE, 0), (sql::HEAD, 0)] {
-        let explain = format!("EXPLAIN QUERY PLAN {sql}");
-        let mut stmt = s.connection().prepare(&explain).unwrap();
-        let args: Vec<i64> = vec![0; params];
-        let plan: Vec<String> = stmt
-            .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
-            .unwrap()
-            .map(|r| r.unwrap())
-            .collect();
+        let plan = plan(&queue, sql, params);
         let text = plan.join("\n");
         assert!(
             plan.iter()
@@ -563,16 +563,7 @@ fn recount_repairs_counts_after_a_hand_edit() {
 #[test]
 fn recording_a_batch_looks_rows_up_by_id() {
     let (_dir, queue) = fresh();
-    let s = queue.session().unwrap();
-    let sql = format!("EXPLAIN QUERY PLAN {}", sql::complete(3));
-    let mut stmt = s.connection().prepare(&sql).unwrap();
-    let plan: Vec<String> = stmt
-        .query_map(rusqlite::params_from_iter([0i64; 10]), |r| {
-            r.get::<_, String>(3)
-        })
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect();
+    let plan = plan(&queue, &sql::complete(3), 10);
     let text = plan.join("\n");
     assert!(
         plan.iter()
