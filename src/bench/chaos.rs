@@ -43,15 +43,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             std::fs::create_dir_all(d).with_context(|| format!("{}", d.display()))?;
             d.clone()
         }
-        None => {
-            let d = std::env::temp_dir().join(format!(
-                "litework-chaos-{}-{:08x}",
-                std::process::id(),
-                fastrand::u32(..)
-            ));
-            std::fs::create_dir(&d).with_context(|| format!("{}", d.display()))?;
-            d
-        }
+        None => super::temp_dir("chaos")?,
     };
     let report = chaos(&exe, &dir, &args)?;
     // A failed run keeps its queue and logs for a look.

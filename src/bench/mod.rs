@@ -171,16 +171,19 @@ fn bench_dir(given: Option<&Path>) -> anyhow::Result<(PathBuf, bool)> {
             }
             Ok((d.to_path_buf(), false))
         }
-        None => {
-            let d = std::env::temp_dir().join(format!(
-                "litework-bench-{}-{:08x}",
-                std::process::id(),
-                fastrand::u32(..)
-            ));
-            std::fs::create_dir(&d).with_context(|| format!("{}", d.display()))?;
-            Ok((d, true))
-        }
+        None => Ok((temp_dir("bench")?, true)),
     }
+}
+
+/// A new directory of our own under the system's temporary directory.
+fn temp_dir(what: &str) -> anyhow::Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!(
+        "litework-{what}-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir(&d).with_context(|| format!("{}", d.display()))?;
+    Ok(d)
 }
 
 fn load(
