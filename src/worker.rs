@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 use crate::error::{Error, Result};
 use crate::histogram::Histogram;
 use crate::metrics::{Attempt, WorkerMetrics};
+use crate::queue::running::RunningSlots;
 use crate::queue::{
     now_ms, Backoff, Completion, FailureKind, Job, Queue, Recorded, Session, Turn, WorkerInfo,
 };
@@ -377,8 +378,29 @@ impl Worker {
             wake_at: AtomicUsize::new(1),
             wake: wake_tx,
         });
+        // What the executors run, in a file that outlives this process:
+        // if it dies, only those items are charged an attempt.
+        let slots = match RunningSlots::create(self.queue.path(), &self.id, k) {
+            Ok(s) => Some(Arc::new(s)),
+            Err(error) => {
+                warn!(
+                    worker = %self.id, %error,
+                    "cannot record running items beside the database; if this worker dies, \
+                     every item it holds is charged an attempt"
+                );
+                None
+            }
+        };
         let executors: Vec<JoinHandle<()>> = (0..k)
-            .map(|n| spawn_executor(n, self.handler.clone(), job_rx.clone(), outbox.clone()))
+            .map(|n| {
+                spawn_executor(Executor {
+                    slot: n,
+                    handler: self.handler.clone(),
+                    jobs: job_rx.clone(),
+                    outbox: outbox.clone(),
+                    slots: slots.clone(),
+                })
+            })
             .collect::<std::io::Result<_>>()
             .map_err(|e| Error::Config(format!("cannot start executor threads: {e}")))?;
 
@@ -427,6 +449,9 @@ impl Worker {
             }
         }
         let stopped = session.worker_stopped(&self.id);
+        // Nothing of ours runs any more (threads left behind by `abandon`
+        // had their items released): the file has served.
+        crate::queue::running::remove_slots(self.queue.path(), &self.id);
         result?;
         stopped?;
         info!(
@@ -443,40 +468,54 @@ const MIN_POLL: Duration = Duration::from_millis(1);
 /// that ignore their [`Cancel`] before releasing their items anyway.
 const ABANDON_AFTER: Duration = Duration::from_secs(5);
 
-fn spawn_executor(
-    n: usize,
+/// One executor thread's share of the worker.
+struct Executor {
+    slot: usize,
     handler: Arc<dyn Handler>,
     jobs: Receiver<(Job, Arc<Cancel>)>,
     outbox: Arc<Outbox>,
-) -> std::io::Result<JoinHandle<()>> {
+    slots: Option<Arc<RunningSlots>>,
+}
+
+fn spawn_executor(ex: Executor) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
-        .name(format!("executor-{n}"))
+        .name(format!("executor-{}", ex.slot))
         .spawn(move || {
-            for (job, cancel) in jobs.iter() {
+            for (job, cancel) in ex.jobs.iter() {
                 let outcome = if cancel.is_cancelled() {
                     // Shut down or lost while it waited: the reason decides
                     // what is recorded, and the handler never runs.
                     Outcome::Retry("cancelled before it started".into())
                 } else {
+                    if let Some(s) = &ex.slots {
+                        s.set(ex.slot, job.id, job.token);
+                    }
                     cancel.mark_started();
-                    catch_unwind(AssertUnwindSafe(|| handler.handle(&job, &cancel))).unwrap_or_else(
-                        |panic| {
-                            let msg = panic
-                                .downcast_ref::<&str>()
-                                .map(|s| s.to_string())
-                                .or_else(|| panic.downcast_ref::<String>().cloned())
-                                .unwrap_or_else(|| "unknown panic".into());
-                            Outcome::Retry(format!("handler panicked: {msg}"))
-                        },
-                    )
+                    let outcome = run_handler(&*ex.handler, &job, &cancel);
+                    if let Some(s) = &ex.slots {
+                        s.clear(ex.slot);
+                    }
+                    outcome
                 };
-                outbox.push(Finished {
+                ex.outbox.push(Finished {
                     id: job.id,
                     token: job.token,
                     outcome,
                 });
             }
         })
+}
+
+/// Runs the handler; a panic is a failure worth retrying.
+fn run_handler(handler: &dyn Handler, job: &Job, cancel: &Cancel) -> Outcome {
+    catch_unwind(AssertUnwindSafe(|| handler.handle(job, cancel))).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Outcome::Retry(format!("handler panicked: {msg}"))
+    })
 }
 
 /// The database thread's state between turns.

@@ -11,6 +11,7 @@
 //! out by [`busy`]'s handler.
 
 pub mod busy;
+pub mod running;
 pub mod schema;
 mod sql;
 
@@ -302,6 +303,8 @@ pub struct Requeued {
     pub pending: u64,
     /// Out of attempts, now `failed`.
     pub failed: u64,
+    /// Of `pending`: claimed ahead and never started, attempt given back.
+    pub never_started: u64,
 }
 
 impl Requeued {
@@ -968,17 +971,20 @@ impl Session {
     /// Requeues the leases held by `worker`, known to be dead, and marks it
     /// dead. Items out of attempts end `failed`. Items leased by any other
     /// worker are not touched.
+    ///
+    /// Only the items its executors were running are charged an attempt
+    /// (see [`running`]); the ones it had claimed ahead get it back.
     pub fn requeue_worker(&mut self, worker: &str) -> Result<Requeued> {
-        self.write(|tx| {
+        let db = self.path.clone();
+        let moved = self.write(|tx| {
             let now = now_ms();
-            tx.prepare_cached(sql::LOST_OF_WORKER_HISTORY)?
-                .execute(params![worker, now])?;
-            let moved = count_statuses(tx, sql::LOST_OF_WORKER, params![worker, now])?;
-            Moves::requeued(&moved).apply(tx, now)?;
+            let moved = requeue_owner(tx, &db, worker, None, now, "died")?;
             tx.prepare_cached(sql::WORKER_GONE)?
                 .execute(params![worker, now, "dead"])?;
             Ok(moved)
-        })
+        })?;
+        running::remove_slots(&db, worker);
+        Ok(moved)
     }
 
     /// Requeues every lease whose expiry has passed: the safety net for
@@ -990,18 +996,48 @@ impl Session {
     /// holders of those leases could not extend them either.
     pub fn requeue_expired(&mut self) -> Result<Requeued> {
         let asked = std::time::Instant::now();
-        self.write(|tx| {
+        let db = self.path.clone();
+        let (moved, owners) = self.write(|tx| {
             let now = now_ms();
             let cutoff = now - ms(asked.elapsed());
-            tx.prepare_cached(sql::EXPIRED_HISTORY)?
-                .execute(params![now, cutoff])?;
-            let moved = count_statuses(tx, sql::EXPIRED, params![now, cutoff])?;
-            Moves::requeued(&moved).apply(tx, now)?;
+            let owners: Vec<String> = tx
+                .prepare_cached(sql::EXPIRED_OWNERS)?
+                .query_map(params![cutoff], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut moved = Requeued::default();
+            for owner in &owners {
+                let m = requeue_owner(tx, &db, owner, Some(cutoff), now, "expired")?;
+                moved.pending += m.pending;
+                moved.failed += m.failed;
+                moved.never_started += m.never_started;
+            }
             // Rate buckets older than a day are of no use to `status`.
             tx.prepare_cached("DELETE FROM throughput WHERE second < ?1")?
                 .execute(params![now / 1000 - 86_400])?;
-            Ok(moved)
-        })
+            Ok((moved, owners))
+        })?;
+        // The running file of an owner that is gone from this machine is
+        // of no further use; one that is only stalled keeps it.
+        let host = crate::worker::host_name();
+        for owner in owners {
+            let row: Option<(i64, String)> = self
+                .conn
+                .prepare_cached("SELECT pid, host FROM workers WHERE id = ?1")
+                .and_then(|mut st| st.query_row([&owner], |r| Ok((r.get(0)?, r.get(1)?))))
+                .optional()
+                .map_err(|e| Error::sqlite(&db, e))?;
+            if let Some((pid, on)) = row {
+                let pid = libc::pid_t::try_from(pid).unwrap_or(0);
+                // SAFETY: signal 0 only checks that the process exists.
+                let gone = pid > 0
+                    && unsafe { libc::kill(pid, 0) } != 0
+                    && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+                if on == host && gone {
+                    running::remove_slots(&db, &owner);
+                }
+            }
+        }
+        Ok(moved)
     }
 
     /// Registers a worker process under its per-start identity.
@@ -1558,6 +1594,44 @@ impl Moves {
         }
         Ok(())
     }
+}
+
+/// Requeues the leases of `owner` (those expired before `cutoff`, if
+/// given): the items its executors were running are charged an attempt,
+/// the ones it claimed ahead and never started get theirs back. Without
+/// its running file every lease is charged.
+fn requeue_owner(
+    tx: &Transaction<'_>,
+    db: &Path,
+    owner: &str,
+    cutoff: Option<i64>,
+    now: i64,
+    kind: &str,
+) -> rusqlite::Result<Requeued> {
+    let charge = |lease: Option<(i64, i64)>| -> rusqlite::Result<Requeued> {
+        let (id, token) = (lease.map(|l| l.0), lease.map(|l| l.1));
+        let p = params![owner, cutoff, id, token, now, kind];
+        tx.prepare_cached(sql::LOST_HISTORY)?.execute(p)?;
+        count_statuses(tx, sql::LOST, p)
+    };
+    let mut moved = Requeued::default();
+    match running::read_slots(db, owner) {
+        None => moved = charge(None)?,
+        Some(running) => {
+            for lease in running {
+                let m = charge(Some(lease))?;
+                moved.pending += m.pending;
+                moved.failed += m.failed;
+            }
+            let n = tx
+                .prepare_cached(sql::NEVER_STARTED)?
+                .execute(params![owner, cutoff])? as u64;
+            moved.pending += n;
+            moved.never_started = n;
+        }
+    }
+    Moves::requeued(&moved).apply(tx, now)?;
+    Ok(moved)
 }
 
 fn count_statuses(

@@ -116,48 +116,55 @@ UPDATE items
 SET lease_expires = ?3
 WHERE id = ?1 AND lease_token = ?2 AND status = 'running'";
 
-/// Requeues of leases nobody will complete. The attempt is not given back,
-/// so an item that kills its worker every time ends `failed`.
-/// ?1 worker id, ?2 now.
-pub const LOST_OF_WORKER_HISTORY: &str = "
+/// Requeues of leases nobody will complete: the leases of worker ?1, only
+/// those that expired before ?2 unless it is NULL, and only the lease
+/// (id ?3, token ?4) unless ?3 is NULL. ?5 is now, ?6 `'died'` (the worker
+/// is known dead) or `'expired'`. The attempt is not given back, so an
+/// item that kills its worker every time ends `failed`; items that never
+/// started go back with [`NEVER_STARTED`] instead.
+pub const LOST_HISTORY: &str = "
 INSERT INTO attempts (item_id, attempt, worker, started_at, ended_at, outcome, error)
-SELECT id, attempts, lease_owner, started_at, ?2, 'lost',
-       'worker ' || lease_owner || ' died while running this item'
+SELECT id, attempts, lease_owner, started_at, ?5, 'lost',
+       CASE ?6 WHEN 'died' THEN 'worker ' || lease_owner || ' died while running this item'
+               ELSE 'lease of worker ' || lease_owner || ' expired (worker died or stalled)' END
 FROM items
-WHERE status = 'running' AND lease_owner = ?1";
-
-pub const LOST_OF_WORKER: &str = "
-UPDATE OR FAIL items
-SET status        = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
-    last_error    = 'worker ' || lease_owner || ' died while running this item (attempt '
-                    || attempts || ' of ' || max_attempts || ')',
-    run_after     = 0,
-    lease_owner   = NULL,
-    lease_expires = NULL,
-    finished_at   = CASE WHEN attempts >= max_attempts THEN ?2 END
 WHERE status = 'running' AND lease_owner = ?1
-RETURNING status";
+  AND (?2 IS NULL OR lease_expires < ?2)
+  AND (?3 IS NULL OR (id = ?3 AND lease_token = ?4))";
 
-/// ?1 now, ?2 the expiry cutoff.
-pub const EXPIRED_HISTORY: &str = "
-INSERT INTO attempts (item_id, attempt, worker, started_at, ended_at, outcome, error)
-SELECT id, attempts, lease_owner, started_at, ?1, 'lost',
-       'lease of worker ' || lease_owner || ' expired (worker died or stalled)'
-FROM items
-WHERE status = 'running' AND lease_expires < ?2";
-
-pub const EXPIRED: &str = "
+/// See [`LOST_HISTORY`], which runs first with the same parameters.
+pub const LOST: &str = "
 UPDATE OR FAIL items
 SET status        = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
-    last_error    = 'lease of worker ' || lease_owner || ' expired while running this item '
-                    || '(worker died or stalled; attempt ' || attempts || ' of '
-                    || max_attempts || ')',
+    last_error    = CASE ?6
+                        WHEN 'died' THEN 'worker ' || lease_owner
+                            || ' died while running this item (attempt '
+                        ELSE 'lease of worker ' || lease_owner
+                            || ' expired while running this item (worker died or stalled; attempt '
+                    END || attempts || ' of ' || max_attempts || ')',
     run_after     = 0,
     lease_owner   = NULL,
     lease_expires = NULL,
-    finished_at   = CASE WHEN attempts >= max_attempts THEN ?1 END
-WHERE status = 'running' AND lease_expires < ?2
+    finished_at   = CASE WHEN attempts >= max_attempts THEN ?5 END
+WHERE status = 'running' AND lease_owner = ?1
+  AND (?2 IS NULL OR lease_expires < ?2)
+  AND (?3 IS NULL OR (id = ?3 AND lease_token = ?4))
 RETURNING status";
+
+/// Gives the attempt back to the leases of worker ?1 (expired before ?2
+/// unless NULL) that no executor was running: claimed ahead, never run.
+pub const NEVER_STARTED: &str = "
+UPDATE OR FAIL items
+SET status        = 'pending',
+    attempts      = attempts - 1,
+    run_after     = 0,
+    lease_owner   = NULL,
+    lease_expires = NULL
+WHERE status = 'running' AND lease_owner = ?1 AND (?2 IS NULL OR lease_expires < ?2)";
+
+/// Workers holding leases that expired before ?1.
+pub const EXPIRED_OWNERS: &str = "
+SELECT DISTINCT lease_owner FROM items WHERE status = 'running' AND lease_expires < ?1";
 
 /// Inserts `rows` items, six parameters each: payload, key, priority,
 /// max attempts, run_after (0: ready now), now. A key already present

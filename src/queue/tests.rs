@@ -157,7 +157,7 @@ fn requeues_never_touch_a_live_lease_of_another_worker() {
         moved,
         Requeued {
             pending: 1,
-            failed: 0
+            ..Requeued::default()
         }
     );
     assert_eq!(queue.requeue_worker("w3").unwrap().total(), 0);
@@ -263,8 +263,8 @@ fn worker_out_of_attempts_ends_failed_on_requeue() {
     assert_eq!(
         queue.requeue_worker("w").unwrap(),
         Requeued {
-            pending: 0,
-            failed: 1
+            failed: 1,
+            ..Requeued::default()
         }
     );
     let row = &queue.session().unwrap().list(None, None).unwrap()[0];
@@ -618,4 +618,42 @@ fn a_batch_with_the_same_item_under_two_leases_records_only_the_live_one() {
     let rows = queue.session().unwrap().list(None, None).unwrap();
     assert_eq!(rows[0].result.as_deref(), Some(&b"fresh"[..]));
     assert_eq!(real_counts(&queue), kept_counts(&queue));
+}
+
+#[test]
+fn a_dead_worker_is_charged_only_for_the_items_it_was_running() {
+    let (dir, queue) = fresh();
+    add(&queue, &["a", "b", "c", "d"]);
+    let held = queue.claim("w", 4, LEASE).unwrap();
+    // Its executors ran "b" and "d"; "a" and "c" waited for one.
+    let db = dir.path().join("q.db");
+    let slots = running::RunningSlots::create(&db, "w", 2).unwrap();
+    slots.set(0, held[1].id, held[1].token);
+    slots.set(1, held[3].id, held[3].token);
+    std::mem::forget(slots); // it died: the file stays
+    let moved = queue.requeue_worker("w").unwrap();
+    assert_eq!(
+        moved,
+        Requeued {
+            pending: 4,
+            failed: 0,
+            never_started: 2
+        }
+    );
+    let rows = queue.session().unwrap().list(None, None).unwrap();
+    let attempts: Vec<i64> = rows.iter().map(|r| r.attempts).collect();
+    assert_eq!(attempts, [0, 1, 0, 1]);
+    let s = queue.session().unwrap();
+    let mut stmt = s
+        .connection()
+        .prepare("SELECT item_id FROM attempts WHERE outcome = 'lost' ORDER BY item_id")
+        .unwrap();
+    let lost: Vec<i64> = stmt
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(lost, [held[1].id, held[3].id]);
+    assert_eq!(real_counts(&queue), kept_counts(&queue));
+    assert_eq!(running::read_slots(&db, "w"), None, "the file is removed");
 }

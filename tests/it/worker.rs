@@ -252,3 +252,70 @@ fn higher_priority_items_run_first_and_ties_in_the_order_added() {
         ["high-1", "high-2", "mid-1", "mid-2", "low-1", "low-2"]
     );
 }
+
+#[test]
+fn a_killed_worker_is_charged_only_for_what_it_was_running() {
+    let sb = Sandbox::new();
+    let mut items: String = (1..=2000).map(|i| format!("fast-{i}\n")).collect();
+    items.extend((1..=50).map(|i| format!("slow-{i}\n")));
+    // One attempt each: an item charged for the death ends failed.
+    sb.add("lines", items, &["--max-attempts", "1"]);
+    let script = r#"case "$1" in
+        slow-*) touch "$DIR/started-$1"; exec sleep 600 ;;
+        esac"#;
+    let mut worker = sb
+        .lw(["worker", "-c", "2", "--worker-id", "doomed"])
+        .args(["--shell", "--", script])
+        .spawn();
+    // The fast items grew its batch: it holds slow items beyond the two
+    // its executors run.
+    let slow_held = || -> (usize, i64) {
+        let started = sb.files_starting_with("started-slow-").len();
+        let held: i64 = sb
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM items WHERE status = 'running' AND payload LIKE 'slow-%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (started, held)
+    };
+    wait_until("two slow items run and more are held", DEADLINE, || {
+        let (started, held) = slow_held();
+        started == 2 && held >= 3
+    });
+    worker.signal(libc::SIGKILL);
+    wait_until("the killed worker is gone", DEADLINE, || worker.exited());
+    let out = sb.lw(["requeue-stale", "--worker", "doomed"]).run();
+    out.assert_stderr_has("requeued");
+
+    let started: Vec<String> = sb
+        .files_starting_with("started-slow-")
+        .into_iter()
+        .map(|f| f.trim_start_matches("started-").to_string())
+        .collect();
+    let failed: Vec<String> = sb
+        .items()
+        .into_iter()
+        .filter(|i| i.status == "failed")
+        .map(|i| String::from_utf8_lossy(&i.payload).into_owned())
+        .collect();
+    let mut failed_sorted = failed.clone();
+    failed_sorted.sort();
+    assert_eq!(failed_sorted, started, "only the running items are charged");
+    for item in sb.items() {
+        let payload = String::from_utf8_lossy(&item.payload).into_owned();
+        if payload.starts_with("slow-") && !started.contains(&payload) {
+            assert_eq!(
+                (item.status.as_str(), item.attempts),
+                ("pending", 0),
+                "{payload} never ran and keeps its attempt"
+            );
+        }
+    }
+    assert!(
+        sb.files_starting_with("queue.db-running-").is_empty(),
+        "the dead worker's running file is removed"
+    );
+}

@@ -1,0 +1,174 @@
+//! Which items a worker's executors are running right now, in a small file
+//! beside the database that outlives the worker.
+//!
+//! A worker claims items ahead of its executors. When it dies, the
+//! database alone cannot tell the items that were running (one of them
+//! may have killed it, and must be charged an attempt) from the ones still
+//! waiting for an executor (which never ran, and get their attempt back).
+//! So each executor writes the `(id, lease token)` it is running into its
+//! own 16-byte slot of a shared memory map of `<db>-running-<worker id>`:
+//! two stores, no system call. The page cache keeps what was written
+//! after the process is gone; whoever requeues the dead worker's items
+//! reads the file, then removes it. A worker that stops cleanly removes
+//! it too.
+//!
+//! Without the file (it could not be made, or the worker runs on another
+//! machine) every held item is charged, as if it had been running.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+
+/// The slots of one worker, mapped into its memory.
+pub struct RunningSlots {
+    path: PathBuf,
+    map: *mut AtomicI64,
+    slots: usize,
+}
+
+// SAFETY: the map is only accessed through atomics, and stays mapped until
+// drop.
+unsafe impl Send for RunningSlots {}
+unsafe impl Sync for RunningSlots {}
+
+impl std::fmt::Debug for RunningSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningSlots")
+            .field("path", &self.path)
+            .field("slots", &self.slots)
+            .finish()
+    }
+}
+
+/// The file of worker `worker` of the queue at `db`.
+pub fn slots_path(db: &Path, worker: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-running-");
+    // A worker id names a file: keep it to plain characters.
+    let safe: String = worker
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    name.push(safe);
+    PathBuf::from(name)
+}
+
+impl RunningSlots {
+    /// Makes the file (mode 0600) with `slots` empty slots and maps it.
+    pub fn create(db: &Path, worker: &str, slots: usize) -> std::io::Result<RunningSlots> {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        let path = slots_path(db, worker);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        let len = slots.max(1) * 16;
+        file.set_len(len as u64)?;
+        // SAFETY: a fresh shared mapping of a file we own, of its length.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(RunningSlots {
+            path,
+            map: map.cast(),
+            slots: slots.max(1),
+        })
+    }
+
+    fn cell(&self, i: usize) -> &AtomicI64 {
+        // SAFETY: i is below 2 * slots, inside the mapping, which is
+        // page-aligned and so 8-byte aligned; AtomicI64 has i64's layout.
+        unsafe { &*self.map.add(i) }
+    }
+
+    /// Executor `slot` now runs the item `(id, token)`.
+    pub fn set(&self, slot: usize, id: i64, token: i64) {
+        if slot < self.slots {
+            self.cell(2 * slot + 1).store(token, Ordering::Release);
+            self.cell(2 * slot).store(id, Ordering::Release);
+        }
+    }
+
+    /// Executor `slot` runs nothing.
+    pub fn clear(&self, slot: usize) {
+        if slot < self.slots {
+            self.cell(2 * slot).store(0, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for RunningSlots {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `create`, unmapped once.
+        unsafe {
+            libc::munmap(self.map.cast(), self.slots * 16);
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The `(id, lease token)` pairs the worker's executors were running, if
+/// its file exists; `None` means "unknown".
+pub fn read_slots(db: &Path, worker: &str) -> Option<Vec<(i64, i64)>> {
+    let bytes = std::fs::read(slots_path(db, worker)).ok()?;
+    let word = |c: &[u8]| i64::from_ne_bytes(c.try_into().unwrap_or([0; 8]));
+    Some(
+        bytes
+            .chunks_exact(16)
+            .map(|c| (word(&c[..8]), word(&c[8..])))
+            .filter(|&(id, _)| id != 0)
+            .collect(),
+    )
+}
+
+/// Removes the file of a worker whose items were requeued.
+pub fn remove_slots(db: &Path, worker: &str) {
+    let _ = std::fs::remove_file(slots_path(db, worker));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_executors_run_is_readable_after_the_map_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("q.db");
+        let slots = RunningSlots::create(&db, "host-1-abc", 3).unwrap();
+        slots.set(0, 7, 2);
+        slots.set(2, 9, 1);
+        slots.set(1, 8, 5);
+        slots.clear(1);
+        assert_eq!(read_slots(&db, "host-1-abc"), Some(vec![(7, 2), (9, 1)]));
+        // A dead worker leaves the file; a clean drop removes it.
+        std::mem::forget(slots);
+        assert_eq!(read_slots(&db, "host-1-abc"), Some(vec![(7, 2), (9, 1)]));
+        remove_slots(&db, "host-1-abc");
+        assert_eq!(read_slots(&db, "host-1-abc"), None);
+        let slots = RunningSlots::create(&db, "w/2", 1).unwrap();
+        assert!(slots_path(&db, "w/2").ends_with("q.db-running-w_2"));
+        drop(slots);
+        assert_eq!(read_slots(&db, "w/2"), None);
+    }
+}
