@@ -97,6 +97,9 @@ pub enum Command {
         /// listed.
         #[arg(long)]
         worker_id: Option<String>,
+        /// The memory-mapped list of groups the worker keeps.
+        #[arg(long)]
+        groups_file: Option<PathBuf>,
     },
 }
 

@@ -68,8 +68,15 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export(args) => export(open(false)?, args),
         Command::Bench(args) => crate::bench::bench(args, cli.durable),
         Command::BenchWorker(args) => crate::bench::bench_worker(&cli.db, &opts(false), args),
-        Command::KeepGroups { worker_id } => {
-            litework::exec::keep_groups(std::io::stdin().lock(), worker_id.as_deref());
+        Command::KeepGroups {
+            worker_id,
+            groups_file,
+        } => {
+            litework::exec::keep_groups(
+                std::io::stdin().lock(),
+                worker_id.as_deref(),
+                groups_file.as_deref(),
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

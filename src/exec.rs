@@ -21,10 +21,12 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::queue::running::Cells;
 use crate::queue::Job;
 use crate::worker::{Cancel, Outcome};
 
@@ -602,16 +604,23 @@ fn join_words(words: &[OsString]) -> OsString {
 ///
 /// Without it, an item of a worker killed outright would run on unseen
 /// while another worker redoes it. The keeper is `litework keep-groups`,
-/// started by the worker with a pipe on its standard input: the worker
-/// writes `+PGID` when it has started an item and `-PGID` once it has
-/// reaped it. When the pipe closes, however the worker ended, the keeper
-/// kills every group still listed, and every process whose environment
-/// carries this worker's `LITEWORK_WORKER_ID` (which covers an item the
-/// worker started but died before listing), then exits.
+/// started by the worker with a pipe on its standard input. The worker
+/// lists the group of each item it starts in a small memory-mapped file
+/// (a store, no system call, no wake-up of the keeper) and clears it once
+/// it has reaped the item; if the file is full it writes `+PGID` and
+/// `-PGID` lines on the pipe instead. When the pipe closes, however the
+/// worker ended, the keeper kills every group still listed in either, and
+/// every process whose environment carries this worker's
+/// `LITEWORK_WORKER_ID` (which covers an item the worker started but died
+/// before listing), removes the file and exits.
 pub struct Keeper {
     pipe: Mutex<std::process::ChildStdin>,
+    groups: Option<Cells>,
     _child: std::process::Child,
 }
+
+/// Groups listed in the keeper's file; more go over the pipe.
+const KEEPER_CELLS: usize = 1024;
 
 impl std::fmt::Debug for Keeper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -623,8 +632,19 @@ impl Keeper {
     /// Starts `exe keep-groups`, in a process group of its own so that a
     /// Ctrl-C at the terminal does not end it before it is needed.
     pub fn start(exe: &Path, worker_id: &str) -> Result<Keeper> {
-        let mut child = std::process::Command::new(exe)
-            .args(["keep-groups", "--worker-id", worker_id])
+        let path = std::env::temp_dir().join(format!(
+            "litework-keeper-{}-{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        // Without the file every group goes over the pipe.
+        let groups = Cells::create(path, KEEPER_CELLS, false).ok();
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["keep-groups", "--worker-id", worker_id]);
+        if let Some(g) = &groups {
+            cmd.arg("--groups-file").arg(g.path());
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .process_group(0)
@@ -638,6 +658,7 @@ impl Keeper {
             .ok_or_else(|| Error::Config("keep-groups: no pipe to its standard input".into()))?;
         Ok(Keeper {
             pipe: Mutex::new(pipe),
+            groups,
             _child: child,
         })
     }
@@ -649,10 +670,34 @@ impl Keeper {
     }
 
     fn watch(&self, pgid: u32) {
+        let g = i64::from(pgid);
+        if let Some(cells) = &self.groups {
+            let free = (0..cells.len()).find(|&i| {
+                cells
+                    .cell(i)
+                    .compare_exchange(0, g, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            });
+            if free.is_some() {
+                return;
+            }
+        }
         self.send(format!("+{pgid}\n"));
     }
 
     fn forget(&self, pgid: u32) {
+        let g = i64::from(pgid);
+        if let Some(cells) = &self.groups {
+            let listed = (0..cells.len()).find(|&i| {
+                cells
+                    .cell(i)
+                    .compare_exchange(g, 0, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            });
+            if listed.is_some() {
+                return;
+            }
+        }
         self.send(format!("-{pgid}\n"));
     }
 
@@ -668,7 +713,11 @@ impl Keeper {
 /// then kills every group still listed and, unless the worker said `=`
 /// (a clean stop), every process (with its group) whose environment says
 /// it belongs to `worker_id`. Returns how many groups it killed.
-pub fn keep_groups(input: impl std::io::BufRead, worker_id: Option<&str>) -> usize {
+pub fn keep_groups(
+    input: impl std::io::BufRead,
+    worker_id: Option<&str>,
+    groups_file: Option<&Path>,
+) -> usize {
     let mut groups = std::collections::HashSet::new();
     let mut clean = false;
     for line in input.lines() {
@@ -687,6 +736,16 @@ pub fn keep_groups(input: impl std::io::BufRead, worker_id: Option<&str>) -> usi
             }
             _ => {}
         }
+    }
+    if let Some(path) = groups_file {
+        let listed = crate::queue::running::read_cells(path).unwrap_or_default();
+        groups.extend(
+            listed
+                .into_iter()
+                .filter_map(|g| i32::try_from(g).ok())
+                .filter(|&g| g > 1),
+        );
+        let _ = std::fs::remove_file(path);
     }
     if let (Some(id), false) = (worker_id, clean) {
         groups.extend(processes_of(id));
@@ -763,6 +822,32 @@ mod tests {
     }
 
     #[test]
+    fn keeper_kills_the_groups_listed_in_its_file_and_removes_it() {
+        let spawn = || {
+            std::process::Command::new("sleep")
+                .arg("1000")
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        };
+        let (mut listed, mut forgotten) = (spawn(), spawn());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("groups");
+        let cells = Cells::create(path.clone(), 4, false).unwrap();
+        cells
+            .cell(0)
+            .store(i64::from(listed.id()), Ordering::Release);
+        cells.cell(2).store(1, Ordering::Release); // never a group to kill
+        drop(cells);
+        assert_eq!(keep_groups(&b""[..], None, Some(&path)), 1);
+        assert_eq!(listed.wait().unwrap().signal(), Some(libc::SIGKILL));
+        assert_eq!(forgotten.try_wait().unwrap(), None);
+        assert!(!path.exists(), "the keeper removes its file");
+        forgotten.kill().unwrap();
+        forgotten.wait().unwrap();
+    }
+
+    #[test]
     fn keeper_kills_the_groups_still_listed_at_end_of_input() {
         let spawn = || {
             std::process::Command::new("sleep")
@@ -777,7 +862,7 @@ mod tests {
             a = listed.id(),
             b = forgotten.id()
         );
-        assert_eq!(keep_groups(input.as_bytes(), None), 1);
+        assert_eq!(keep_groups(input.as_bytes(), None, None), 1);
         let status = listed.wait().unwrap();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
         assert_eq!(
@@ -817,13 +902,13 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(keep_groups(&b"=\n"[..], Some(&id)), 0);
+        assert_eq!(keep_groups(&b"=\n"[..], Some(&id), None), 0);
         assert_eq!(
             spared.try_wait().unwrap(),
             None,
             "a clean stop kills nothing"
         );
-        assert_eq!(keep_groups(&b""[..], Some(&id)), 1);
+        assert_eq!(keep_groups(&b""[..], Some(&id), None), 1);
         assert_eq!(spared.wait().unwrap().signal(), Some(libc::SIGKILL));
     }
 

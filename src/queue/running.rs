@@ -18,25 +18,119 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 
-/// The slots of one worker, mapped into its memory.
-pub struct RunningSlots {
+/// A file of `i64` cells mapped into memory, shared with whoever reads the
+/// file later: stores are visible to a reader of the file at once, even
+/// after this process is gone. Used for the running slots below and for
+/// the item process groups a [`crate::exec::Keeper`] must kill.
+pub struct Cells {
     path: PathBuf,
     map: *mut AtomicI64,
-    slots: usize,
+    len: usize,
+    remove_on_drop: bool,
 }
 
 // SAFETY: the map is only accessed through atomics, and stays mapped until
 // drop.
-unsafe impl Send for RunningSlots {}
-unsafe impl Sync for RunningSlots {}
+unsafe impl Send for Cells {}
+unsafe impl Sync for Cells {}
 
-impl std::fmt::Debug for RunningSlots {
+impl std::fmt::Debug for Cells {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunningSlots")
+        f.debug_struct("Cells")
             .field("path", &self.path)
-            .field("slots", &self.slots)
+            .field("len", &self.len)
             .finish()
     }
+}
+
+impl Cells {
+    /// Makes the file (mode 0600, replacing any) with `len` zero cells and
+    /// maps it. With `remove_on_drop`, dropping removes the file.
+    pub fn create(path: PathBuf, len: usize, remove_on_drop: bool) -> std::io::Result<Cells> {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        let len = len.max(1);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.set_len((len * 8) as u64)?;
+        // SAFETY: a fresh shared mapping of a file we own, of its length.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(Cells {
+            path,
+            map: map.cast(),
+            len,
+            remove_on_drop,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Cell `i` (`i < len`).
+    pub fn cell(&self, i: usize) -> &AtomicI64 {
+        assert!(i < self.len, "cell {i} of {}", self.len);
+        // SAFETY: i < len, inside the mapping, which is page-aligned and
+        // so 8-byte aligned; AtomicI64 has i64's layout.
+        unsafe { &*self.map.add(i) }
+    }
+}
+
+impl Drop for Cells {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `create`, unmapped once; `&self`
+        // borrows of cells cannot outlive `self`.
+        unsafe {
+            libc::munmap(self.map.cast(), self.len * 8);
+        }
+        if self.remove_on_drop {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The cells of the file at `path`, if it can be read.
+pub fn read_cells(path: &Path) -> Option<Vec<i64>> {
+    let bytes = std::fs::read(path).ok()?;
+    Some(
+        bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect(),
+    )
+}
+
+/// The slots of one worker: two cells, `(id, token)`, per executor.
+#[derive(Debug)]
+pub struct RunningSlots {
+    cells: Cells,
 }
 
 /// The file of worker `worker` of the queue at `db`.
@@ -59,84 +153,38 @@ pub fn slots_path(db: &Path, worker: &str) -> PathBuf {
 }
 
 impl RunningSlots {
-    /// Makes the file (mode 0600) with `slots` empty slots and maps it.
+    /// Makes the file with `slots` empty slots; dropping removes it.
     pub fn create(db: &Path, worker: &str, slots: usize) -> std::io::Result<RunningSlots> {
-        use std::os::unix::fs::OpenOptionsExt;
-        use std::os::unix::io::AsRawFd;
-        let path = slots_path(db, worker);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)?;
-        let len = slots.max(1) * 16;
-        file.set_len(len as u64)?;
-        // SAFETY: a fresh shared mapping of a file we own, of its length.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
-        Ok(RunningSlots {
-            path,
-            map: map.cast(),
-            slots: slots.max(1),
-        })
-    }
-
-    fn cell(&self, i: usize) -> &AtomicI64 {
-        // SAFETY: i is below 2 * slots, inside the mapping, which is
-        // page-aligned and so 8-byte aligned; AtomicI64 has i64's layout.
-        unsafe { &*self.map.add(i) }
+        let cells = Cells::create(slots_path(db, worker), 2 * slots.max(1), true)?;
+        Ok(RunningSlots { cells })
     }
 
     /// Executor `slot` now runs the item `(id, token)`.
     pub fn set(&self, slot: usize, id: i64, token: i64) {
-        if slot < self.slots {
-            self.cell(2 * slot + 1).store(token, Ordering::Release);
-            self.cell(2 * slot).store(id, Ordering::Release);
+        if 2 * slot + 1 < self.cells.len() {
+            self.cells
+                .cell(2 * slot + 1)
+                .store(token, Ordering::Release);
+            self.cells.cell(2 * slot).store(id, Ordering::Release);
         }
     }
 
     /// Executor `slot` runs nothing.
     pub fn clear(&self, slot: usize) {
-        if slot < self.slots {
-            self.cell(2 * slot).store(0, Ordering::Release);
+        if 2 * slot < self.cells.len() {
+            self.cells.cell(2 * slot).store(0, Ordering::Release);
         }
-    }
-}
-
-impl Drop for RunningSlots {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `create`, unmapped once.
-        unsafe {
-            libc::munmap(self.map.cast(), self.slots * 16);
-        }
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
 /// The `(id, lease token)` pairs the worker's executors were running, if
 /// its file exists; `None` means "unknown".
 pub fn read_slots(db: &Path, worker: &str) -> Option<Vec<(i64, i64)>> {
-    let bytes = std::fs::read(slots_path(db, worker)).ok()?;
-    let word = |c: &[u8]| i64::from_ne_bytes(c.try_into().unwrap_or([0; 8]));
+    let cells = read_cells(&slots_path(db, worker))?;
     Some(
-        bytes
-            .chunks_exact(16)
-            .map(|c| (word(&c[..8]), word(&c[8..])))
+        cells
+            .chunks_exact(2)
+            .map(|c| (c[0], c[1]))
             .filter(|&(id, _)| id != 0)
             .collect(),
     )
