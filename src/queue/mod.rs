@@ -1005,16 +1005,26 @@ impl Session {
                 .query_map(params![cutoff], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             let mut moved = Requeued::default();
-            for owner in &owners {
-                let m = requeue_owner(tx, &db, owner, Some(cutoff), now, "expired")?;
+            let mut done_with = Vec::new();
+            for owner in owners {
+                let m = requeue_owner(tx, &db, &owner, Some(cutoff), now, "expired")?;
                 moved.pending += m.pending;
                 moved.failed += m.failed;
                 moved.never_started += m.never_started;
+                // Its file is needed until its last lease is taken.
+                let left: i64 = tx
+                    .prepare_cached(
+                        "SELECT count(*) FROM items WHERE status = 'running' AND lease_owner = ?1",
+                    )?
+                    .query_row([&owner], |r| r.get(0))?;
+                if left == 0 {
+                    done_with.push(owner);
+                }
             }
             // Rate buckets older than a day are of no use to `status`.
             tx.prepare_cached("DELETE FROM throughput WHERE second < ?1")?
                 .execute(params![now / 1000 - 86_400])?;
-            Ok((moved, owners))
+            Ok((moved, done_with))
         })?;
         // The running file of an owner that is gone from this machine is
         // of no further use; one that is only stalled keeps it.
@@ -1598,8 +1608,9 @@ impl Moves {
 
 /// Requeues the leases of `owner` (those expired before `cutoff`, if
 /// given): the items its executors were running are charged an attempt,
-/// the ones it claimed ahead and never started get theirs back. Without
-/// its running file every lease is charged.
+/// the ones it claimed ahead and never started get theirs back (see
+/// [`sql::never_started`]). Without a running file to trust, every lease
+/// is charged.
 fn requeue_owner(
     tx: &Transaction<'_>,
     db: &Path,
@@ -1608,14 +1619,17 @@ fn requeue_owner(
     now: i64,
     kind: &str,
 ) -> rusqlite::Result<Requeued> {
+    let expired = cutoff.is_some();
     let charge = |lease: Option<(i64, i64)>| -> rusqlite::Result<Requeued> {
+        let one = lease.is_some();
         let (id, token) = (lease.map(|l| l.0), lease.map(|l| l.1));
         let p = params![owner, cutoff, id, token, now, kind];
-        tx.prepare_cached(sql::LOST_HISTORY)?.execute(p)?;
-        count_statuses(tx, sql::LOST, p)
+        tx.prepare_cached(&sql::lost_history(one, expired))?
+            .execute(p)?;
+        count_statuses(tx, &sql::lost(one, expired), p)
     };
     let mut moved = Requeued::default();
-    match running::read_slots(db, owner) {
+    match trusted_slots(tx, db, owner)? {
         None => moved = charge(None)?,
         Some(running) => {
             for lease in running {
@@ -1623,15 +1637,36 @@ fn requeue_owner(
                 moved.pending += m.pending;
                 moved.failed += m.failed;
             }
-            let n = tx
-                .prepare_cached(sql::NEVER_STARTED)?
-                .execute(params![owner, cutoff])? as u64;
-            moved.pending += n;
-            moved.never_started = n;
+            let p = params![owner, cutoff, None::<i64>, None::<i64>, now, kind];
+            let m = count_statuses(tx, &sql::never_started(expired), p)?;
+            moved.pending += m.pending;
+            moved.failed += m.failed;
+            moved.never_started = m.total();
         }
     }
     Moves::requeued(&moved).apply(tx, now)?;
     Ok(moved)
+}
+
+/// The running slots of `owner`, if its file can be trusted: the worker
+/// ran on this machine and the file was made since it last booted (a file
+/// from before a crash of the machine may have lost what was written).
+fn trusted_slots(
+    tx: &Transaction<'_>,
+    db: &Path,
+    owner: &str,
+) -> rusqlite::Result<Option<Vec<(i64, i64)>>> {
+    let host: Option<String> = tx
+        .prepare_cached("SELECT host FROM workers WHERE id = ?1")?
+        .query_row([owner], |r| r.get(0))
+        .optional()?;
+    if host.as_deref() != Some(crate::worker::host_name().as_str()) {
+        return Ok(None);
+    }
+    if !running::made_since_boot(&running::slots_path(db, owner)) {
+        return Ok(None);
+    }
+    Ok(running::read_slots(db, owner))
 }
 
 fn count_statuses(

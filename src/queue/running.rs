@@ -44,8 +44,10 @@ impl std::fmt::Debug for Cells {
 }
 
 impl Cells {
-    /// Makes the file (mode 0600, replacing any) with `len` zero cells and
+    /// Makes the file (mode 0600) with `len` zero cells and
     /// maps it. With `remove_on_drop`, dropping removes the file.
+    /// The file must not exist yet: one that does belongs to someone else
+    /// (a worker id used twice), whose record must not be wiped.
     pub fn create(path: PathBuf, len: usize, remove_on_drop: bool) -> std::io::Result<Cells> {
         use std::os::unix::fs::OpenOptionsExt;
         use std::os::unix::io::AsRawFd;
@@ -53,8 +55,8 @@ impl Cells {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(0o600)
             .open(&path)?;
         file.set_len((len * 8) as u64)?;
@@ -133,23 +135,29 @@ pub struct RunningSlots {
     cells: Cells,
 }
 
-/// The file of worker `worker` of the queue at `db`.
+/// The file of worker `worker` of the queue at `db`: the id in hex, so
+/// that two ids never share a file.
 pub fn slots_path(db: &Path, worker: &str) -> PathBuf {
     let mut name = db.as_os_str().to_owned();
     name.push("-running-");
-    // A worker id names a file: keep it to plain characters.
-    let safe: String = worker
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    name.push(safe);
+    let hex: String = worker.bytes().map(|b| format!("{b:02x}")).collect();
+    name.push(hex);
     PathBuf::from(name)
+}
+
+/// Whether the file at `path` was made (or last had its size set) since
+/// this machine booted.
+pub fn made_since_boot(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+    });
+    boot.is_some_and(|b| meta.ctime() >= b)
 }
 
 impl RunningSlots {
@@ -215,7 +223,11 @@ mod tests {
         remove_slots(&db, "host-1-abc");
         assert_eq!(read_slots(&db, "host-1-abc"), None);
         let slots = RunningSlots::create(&db, "w/2", 1).unwrap();
-        assert!(slots_path(&db, "w/2").ends_with("q.db-running-w_2"));
+        assert!(slots_path(&db, "w/2").ends_with("q.db-running-772f32"));
+        assert_ne!(slots_path(&db, "w/2"), slots_path(&db, "w_2"));
+        assert!(made_since_boot(&slots_path(&db, "w/2")));
+        // An id in use keeps its file: a second one is refused.
+        assert!(RunningSlots::create(&db, "w/2", 1).is_err());
         drop(slots);
         assert_eq!(read_slots(&db, "w/2"), None);
     }

@@ -176,6 +176,10 @@ CREATE INDEX items_ready ON items (priority DESC, id) WHERE status = 'pending' A
 CREATE INDEX items_waiting ON items (run_after) WHERE status = 'pending' AND run_after > 0;
 
 UPDATE counts SET n = (SELECT count(*) FROM items WHERE items.status = counts.status);
+
+-- Times an item was held, claimed ahead and never seen running, by a
+-- worker that died; see `never_started` in sql.rs.
+ALTER TABLE items ADD COLUMN given_back INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// What the header of an opened file says it is.

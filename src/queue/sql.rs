@@ -116,25 +116,41 @@ UPDATE items
 SET lease_expires = ?3
 WHERE id = ?1 AND lease_token = ?2 AND status = 'running'";
 
-/// Requeues of leases nobody will complete: the leases of worker ?1, only
-/// those that expired before ?2 unless it is NULL, and only the lease
-/// (id ?3, token ?4) unless ?3 is NULL. ?5 is now, ?6 `'died'` (the worker
-/// is known dead) or `'expired'`. The attempt is not given back, so an
-/// item that kills its worker every time ends `failed`; items that never
-/// started go back with [`NEVER_STARTED`] instead.
-pub const LOST_HISTORY: &str = "
-INSERT INTO attempts (item_id, attempt, worker, started_at, ended_at, outcome, error)
+/// Requeues of leases nobody will complete, with the same parameters for
+/// each statement below: ?1 the worker, ?2 the expiry cutoff (only with
+/// `expired`: leases that expired before it), ?3 and ?4 the one lease
+/// (id, token) to take (only with `one`), ?5 now, ?6 `'died'` (the worker
+/// is known dead) or `'expired'`.
+fn leases_of(one: bool, expired: bool) -> String {
+    let mut cond = String::from("status = 'running' AND lease_owner = ?1");
+    if one {
+        // By id first: a row lookup, not a walk of the running items.
+        cond = format!("id = ?3 AND lease_token = ?4 AND {cond}");
+    }
+    if expired {
+        cond.push_str(" AND lease_expires < ?2");
+    }
+    cond
+}
+
+/// History rows for the leases [`lost`] takes: an item that was running.
+pub fn lost_history(one: bool, expired: bool) -> String {
+    format!(
+        "INSERT INTO attempts (item_id, attempt, worker, started_at, ended_at, outcome, error)
 SELECT id, attempts, lease_owner, started_at, ?5, 'lost',
        CASE ?6 WHEN 'died' THEN 'worker ' || lease_owner || ' died while running this item'
                ELSE 'lease of worker ' || lease_owner || ' expired (worker died or stalled)' END
 FROM items
-WHERE status = 'running' AND lease_owner = ?1
-  AND (?2 IS NULL OR lease_expires < ?2)
-  AND (?3 IS NULL OR (id = ?3 AND lease_token = ?4))";
+WHERE {}",
+        leases_of(one, expired)
+    )
+}
 
-/// See [`LOST_HISTORY`], which runs first with the same parameters.
-pub const LOST: &str = "
-UPDATE OR FAIL items
+/// Takes leases of items that were running: the attempt is not given
+/// back, so an item that kills its worker every time ends `failed`.
+pub fn lost(one: bool, expired: bool) -> String {
+    format!(
+        "UPDATE OR FAIL items
 SET status        = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
     last_error    = CASE ?6
                         WHEN 'died' THEN 'worker ' || lease_owner
@@ -146,21 +162,38 @@ SET status        = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pendi
     lease_owner   = NULL,
     lease_expires = NULL,
     finished_at   = CASE WHEN attempts >= max_attempts THEN ?5 END
-WHERE status = 'running' AND lease_owner = ?1
-  AND (?2 IS NULL OR lease_expires < ?2)
-  AND (?3 IS NULL OR (id = ?3 AND lease_token = ?4))
-RETURNING status";
+WHERE {}
+RETURNING status",
+        leases_of(one, expired)
+    )
+}
 
-/// Gives the attempt back to the leases of worker ?1 (expired before ?2
-/// unless NULL) that no executor was running: claimed ahead, never run.
-pub const NEVER_STARTED: &str = "
-UPDATE OR FAIL items
-SET status        = 'pending',
-    attempts      = attempts - 1,
+/// Takes the leases no executor was running (claimed ahead, never run)
+/// and gives their attempt back, `max_attempts` times per item: an item
+/// held each time its worker dies, without ever being seen running (it
+/// could kill the worker before it starts: a payload too large for its
+/// memory), is then charged like a running one.
+pub fn never_started(expired: bool) -> String {
+    format!(
+        "UPDATE OR FAIL items
+SET given_back    = given_back + 1,
+    attempts      = attempts - (given_back < max_attempts),
+    status        = CASE WHEN given_back >= max_attempts AND attempts >= max_attempts
+                         THEN 'failed' ELSE 'pending' END,
+    last_error    = CASE WHEN given_back >= max_attempts
+                         THEN 'held by worker ' || lease_owner || ' each time it died ('
+                              || (given_back + 1) || ' times)'
+                         ELSE last_error END,
+    finished_at   = CASE WHEN given_back >= max_attempts AND attempts >= max_attempts
+                         THEN ?5 END,
     run_after     = 0,
     lease_owner   = NULL,
     lease_expires = NULL
-WHERE status = 'running' AND lease_owner = ?1 AND (?2 IS NULL OR lease_expires < ?2)";
+WHERE {} AND ?6 IS NOT NULL
+RETURNING status",
+        leases_of(false, expired)
+    )
+}
 
 /// Workers holding leases that expired before ?1.
 pub const EXPIRED_OWNERS: &str = "
@@ -189,6 +222,7 @@ pub const RETRY: &str = "
 UPDATE items
 SET status      = 'pending',
     attempts    = 0,
+    given_back  = 0,
     run_after   = 0,
     result      = NULL,
     finished_at = NULL
@@ -198,6 +232,7 @@ pub const RETRY_FAILED: &str = "
 UPDATE OR FAIL items
 SET status      = 'pending',
     attempts    = 0,
+    given_back  = 0,
     run_after   = 0,
     finished_at = NULL
 WHERE status = 'failed'";

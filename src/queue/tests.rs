@@ -41,6 +41,20 @@ fn kept_counts(queue: &Queue) -> Vec<(String, i64)> {
 
 const LEASE: Duration = Duration::from_secs(30);
 
+/// Registers worker `id` as running on this machine.
+fn register(queue: &Queue, id: &str) {
+    queue
+        .session()
+        .unwrap()
+        .register_worker(&WorkerInfo {
+            id: id.into(),
+            pid: std::process::id(),
+            host: crate::worker::host_name(),
+            metrics_addr: None,
+        })
+        .unwrap();
+}
+
 /// `EXPLAIN QUERY PLAN` of `sql` with `params` zeros bound: one line per
 /// step.
 fn plan(queue: &Queue, sql: &str, params: usize) -> Vec<String> {
@@ -624,6 +638,7 @@ fn a_batch_with_the_same_item_under_two_leases_records_only_the_live_one() {
 fn a_dead_worker_is_charged_only_for_the_items_it_was_running() {
     let (dir, queue) = fresh();
     add(&queue, &["a", "b", "c", "d"]);
+    register(&queue, "w");
     let held = queue.claim("w", 4, LEASE).unwrap();
     // Its executors ran "b" and "d"; "a" and "c" waited for one.
     let db = dir.path().join("q.db");
@@ -656,4 +671,73 @@ fn a_dead_worker_is_charged_only_for_the_items_it_was_running() {
     assert_eq!(lost, [held[1].id, held[3].id]);
     assert_eq!(real_counts(&queue), kept_counts(&queue));
     assert_eq!(running::read_slots(&db, "w"), None, "the file is removed");
+}
+
+#[test]
+fn an_item_held_at_every_death_is_charged_in_the_end() {
+    let (dir, queue) = fresh();
+    let items = [Ok(NewItem {
+        max_attempts: Some(2),
+        ..NewItem::new("huge")
+    })];
+    queue.add(items, 3).unwrap();
+    let db = dir.path().join("q.db");
+    let mut after = Vec::new();
+    for death in 0..3 {
+        let id = format!("w{death}");
+        register(&queue, &id);
+        queue.claim(&id, 1, LEASE).unwrap();
+        // Its executors never got to run it.
+        std::mem::forget(running::RunningSlots::create(&db, &id, 1).unwrap());
+        queue.requeue_worker(&id).unwrap();
+        let row = &queue.session().unwrap().list(None, None).unwrap()[0];
+        after.push((row.status.clone(), row.attempts));
+    }
+    // Given back twice (max_attempts), then charged: attempts 1, then 2 and
+    // out of attempts.
+    assert_eq!(
+        after,
+        [
+            ("pending".to_string(), 0),
+            ("pending".to_string(), 0),
+            ("pending".to_string(), 1)
+        ]
+    );
+    register(&queue, "w3");
+    queue.claim("w3", 1, LEASE).unwrap();
+    std::mem::forget(running::RunningSlots::create(&db, "w3", 1).unwrap());
+    queue.requeue_worker("w3").unwrap();
+    let row = &queue.session().unwrap().list(None, None).unwrap()[0];
+    assert_eq!((row.status.as_str(), row.attempts), ("failed", 2));
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("each time it died"),
+        "{row:?}"
+    );
+    assert_eq!(real_counts(&queue), kept_counts(&queue));
+}
+
+#[test]
+fn a_running_file_of_another_machine_is_not_trusted() {
+    let (dir, queue) = fresh();
+    add(&queue, &["a", "b"]);
+    queue
+        .session()
+        .unwrap()
+        .register_worker(&WorkerInfo {
+            id: "far".into(),
+            pid: 1,
+            host: "another-machine".into(),
+            metrics_addr: None,
+        })
+        .unwrap();
+    queue.claim("far", 2, LEASE).unwrap();
+    let db = dir.path().join("q.db");
+    std::mem::forget(running::RunningSlots::create(&db, "far", 1).unwrap());
+    let moved = queue.requeue_worker("far").unwrap();
+    assert_eq!(moved.never_started, 0, "both charged: {moved:?}");
+    let rows = queue.session().unwrap().list(None, None).unwrap();
+    assert!(rows.iter().all(|r| r.attempts == 1), "{rows:?}");
 }
