@@ -821,16 +821,18 @@ mod tests {
         assert!(err.to_string().contains("\"$1\""), "{err}");
     }
 
+    /// A long sleep in a process group of its own.
+    fn sleeper() -> std::process::Child {
+        std::process::Command::new("sleep")
+            .arg("1000")
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    }
+
     #[test]
     fn keeper_kills_the_groups_listed_in_its_file_and_removes_it() {
-        let spawn = || {
-            std::process::Command::new("sleep")
-                .arg("1000")
-                .process_group(0)
-                .spawn()
-                .unwrap()
-        };
-        let (mut listed, mut forgotten) = (spawn(), spawn());
+        let (mut listed, mut forgotten) = (sleeper(), sleeper());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("groups");
         let cells = Cells::create(path.clone(), 4, false).unwrap();
@@ -849,14 +851,7 @@ mod tests {
 
     #[test]
     fn keeper_kills_the_groups_still_listed_at_end_of_input() {
-        let spawn = || {
-            std::process::Command::new("sleep")
-                .arg("1000")
-                .process_group(0)
-                .spawn()
-                .unwrap()
-        };
-        let (mut listed, mut forgotten) = (spawn(), spawn());
+        let (mut listed, mut forgotten) = (sleeper(), sleeper());
         let input = format!(
             "+{a}\n+{b}\n-{b}\nnoise\n+1\n",
             a = listed.id(),
