@@ -576,9 +576,11 @@ fn requeue(queue: Queue, args: RequeueArgs) -> anyhow::Result<ExitCode> {
         None => queue.requeue_expired()?,
     };
     eprintln!(
-        "requeued {} items ({} back to pending, {} out of attempts and now failed)",
+        "requeued {} items ({} back to pending, {} of them never started; \
+         {} out of attempts and now failed)",
         moved.total(),
         moved.pending,
+        moved.never_started,
         moved.failed
     );
     Ok(ExitCode::SUCCESS)

@@ -225,7 +225,11 @@ impl Supervisor {
                     Ok(moved) => {
                         let worker = unrequeued.remove(i);
                         let (pending, failed) = (moved.pending, moved.failed);
-                        info!(%worker, pending, failed, "requeued the dead worker's leases");
+                        let never_started = moved.never_started;
+                        info!(
+                            %worker, pending, never_started, failed,
+                            "requeued the dead worker's leases"
+                        );
                         self.metrics
                             .requeued(RequeueCause::DeadWorker, moved.total());
                     }
@@ -317,6 +321,7 @@ impl Supervisor {
                 if moved.total() > 0 {
                     info!(
                         pending = moved.pending,
+                        never_started = moved.never_started,
                         failed = moved.failed,
                         "requeued expired leases"
                     );

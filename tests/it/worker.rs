@@ -288,7 +288,7 @@ fn a_killed_worker_is_charged_only_for_what_it_was_running() {
     worker.signal(libc::SIGKILL);
     wait_until("the killed worker is gone", DEADLINE, || worker.exited());
     let out = sb.lw(["requeue-stale", "--worker", "doomed"]).run();
-    out.assert_stderr_has("requeued");
+    out.assert_stderr_has("of them never started");
 
     let started: Vec<String> = sb
         .files_starting_with("started-slow-")
