@@ -156,7 +156,7 @@ impl WorkerMetrics {
         ));
         let in_flight = check(IntGauge::new(
             "litework_items_in_flight",
-            "Items this worker is running now.",
+            "Items this worker holds: running, or claimed ahead and waiting for an executor.",
         ));
         let leases_extended = check(IntCounter::new(
             "litework_leases_extended_total",
