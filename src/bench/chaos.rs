@@ -38,16 +38,10 @@ struct ChaosReport {
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("finding the litework executable")?;
-    let dir = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("{}", d.display()))?;
-            d.clone()
-        }
-        None => super::temp_dir("chaos")?,
-    };
+    let (dir, temporary) = super::bench_dir(args.dir.as_deref(), "chaos")?;
     let report = chaos(&exe, &dir, &args)?;
     // A failed run keeps its queue and logs for a look.
-    if args.dir.is_none() && report.passed {
+    if temporary && report.passed {
         let _ = std::fs::remove_dir_all(&dir);
     } else if !report.passed {
         eprintln!("chaos: the queue and logs are in {}", dir.display());

@@ -137,7 +137,7 @@ pub fn bench(args: BenchArgs, durable: bool) -> anyhow::Result<ExitCode> {
         return Err(config("--concurrency must be at least 1").into());
     }
     let items = args.items.unwrap_or(200_000);
-    let (dir, temporary) = bench_dir(args.dir.as_deref())?;
+    let (dir, temporary) = bench_dir(args.dir.as_deref(), "bench")?;
     let result = load(&exe, &dir, &args, items, concurrency, durable);
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);
@@ -157,7 +157,7 @@ pub fn bench(args: BenchArgs, durable: bool) -> anyhow::Result<ExitCode> {
 
 /// The given directory (made if missing, refused unless empty), or a new
 /// temporary one to remove afterwards.
-fn bench_dir(given: Option<&Path>) -> anyhow::Result<(PathBuf, bool)> {
+fn bench_dir(given: Option<&Path>, what: &str) -> anyhow::Result<(PathBuf, bool)> {
     match given {
         Some(d) => {
             std::fs::create_dir_all(d).with_context(|| format!("--dir {}", d.display()))?;
@@ -171,7 +171,7 @@ fn bench_dir(given: Option<&Path>) -> anyhow::Result<(PathBuf, bool)> {
             }
             Ok((d.to_path_buf(), false))
         }
-        None => Ok((temp_dir("bench")?, true)),
+        None => Ok((temp_dir(what)?, true)),
     }
 }
 
