@@ -697,7 +697,8 @@ fn print_report(r: &Report) {
     }
     if let Some(s) = &r.status_at {
         println!(
-            "  at {} items: status {:.1} ms, metrics scrape {:.1} ms (add took {:.1} s, peak RSS {} MB)",
+            "  at {} items: status {:.1} ms, metrics scrape {:.1} ms \
+             (add took {:.1} s, peak RSS {} MB)",
             s.items,
             s.status_ms,
             s.scrape_ms,

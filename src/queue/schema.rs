@@ -171,7 +171,8 @@ DROP TRIGGER items_finished;
 
 DROP INDEX items_ready;
 UPDATE items SET run_after = 0
-WHERE run_after <> 0 AND (status <> 'pending' OR run_after <= CAST(unixepoch('subsec') * 1000 AS INTEGER));
+WHERE run_after <> 0
+  AND (status <> 'pending' OR run_after <= CAST(unixepoch('subsec') * 1000 AS INTEGER));
 CREATE INDEX items_ready ON items (priority DESC, id) WHERE status = 'pending' AND run_after = 0;
 CREATE INDEX items_waiting ON items (run_after) WHERE status = 'pending' AND run_after > 0;
 

@@ -204,7 +204,9 @@ SELECT DISTINCT lease_owner FROM items WHERE status = 'running' AND lease_expire
 /// skips its row.
 pub fn insert(rows: usize) -> String {
     let mut sql = String::from(
-        "INSERT OR FAIL INTO items (payload, key, priority, max_attempts, run_after, created_at)\nVALUES ",
+        "INSERT OR FAIL INTO items
+    (payload, key, priority, max_attempts, run_after, created_at)
+VALUES ",
     );
     for row in 0..rows {
         if row > 0 {
