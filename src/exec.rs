@@ -710,9 +710,10 @@ impl Keeper {
 }
 
 /// The keeper's side: reads `+PGID` / `-PGID` lines until end of input,
-/// then kills every group still listed and, unless the worker said `=`
-/// (a clean stop), every process (with its group) whose environment says
-/// it belongs to `worker_id`. Returns how many groups it killed.
+/// then kills every group still listed there or in `groups_file` (which
+/// it then removes) and, unless the worker said `=` (a clean stop), every
+/// process (with its group) whose environment says it belongs to
+/// `worker_id`. Returns how many groups it killed.
 pub fn keep_groups(
     input: impl std::io::BufRead,
     worker_id: Option<&str>,

@@ -311,6 +311,12 @@ impl Requeued {
     pub fn total(&self) -> u64 {
         self.pending + self.failed
     }
+
+    fn add(&mut self, other: Requeued) {
+        self.pending += other.pending;
+        self.failed += other.failed;
+        self.never_started += other.never_started;
+    }
 }
 
 /// A snapshot of the queue, cheap at any size.
@@ -1007,10 +1013,14 @@ impl Session {
             let mut moved = Requeued::default();
             let mut done_with = Vec::new();
             for owner in owners {
-                let m = requeue_owner(tx, &db, &owner, Some(cutoff), now, "expired")?;
-                moved.pending += m.pending;
-                moved.failed += m.failed;
-                moved.never_started += m.never_started;
+                moved.add(requeue_owner(
+                    tx,
+                    &db,
+                    &owner,
+                    Some(cutoff),
+                    now,
+                    "expired",
+                )?);
                 // Its file is needed until its last lease is taken.
                 let left: i64 = tx
                     .prepare_cached(
@@ -1633,15 +1643,14 @@ fn requeue_owner(
         None => moved = charge(None)?,
         Some(running) => {
             for lease in running {
-                let m = charge(Some(lease))?;
-                moved.pending += m.pending;
-                moved.failed += m.failed;
+                moved.add(charge(Some(lease))?);
             }
             let p = params![owner, cutoff, None::<i64>, None::<i64>, now, kind];
             let m = count_statuses(tx, &sql::never_started(expired), p)?;
-            moved.pending += m.pending;
-            moved.failed += m.failed;
-            moved.never_started = m.total();
+            moved.add(Requeued {
+                never_started: m.total(),
+                ..m
+            });
         }
     }
     Moves::requeued(&moved).apply(tx, now)?;
