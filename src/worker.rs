@@ -1120,11 +1120,15 @@ impl Loop<'_> {
                 consider(at + self.cfg.sweep_interval);
             }
             let could_claim = held < k || held <= self.depth / 2;
-            if self.idle.is_some()
-                && could_claim
-                && self.free_slots() > 0
-                && self.stopping.is_none()
-            {
+            let may_claim = could_claim && self.free_slots() > 0 && self.stopping.is_none();
+            if may_claim && self.idle.is_none() {
+                // Not known to be idle (a retry or release of ours went back
+                // to pending since the last claim, and our own commits do
+                // not move `data_version`): claim now rather than sleep
+                // until the next sweep.
+                consider(now);
+            }
+            if self.idle.is_some() && may_claim {
                 // Idle: check again soon, backing off to `idle_poll`,
                 // jittered so idle workers do not poll in lockstep.
                 let jittered = self.poll.mul_f64(0.5 + fastrand::f64() / 2.0);

@@ -178,6 +178,24 @@ fn failing_item_is_retried_with_backoff_then_fails_and_retry_revives_it() {
 }
 
 #[test]
+fn a_retried_item_is_claimed_again_at_once_without_waiting_for_a_timer() {
+    // The worker's own commits do not move `data_version`, so after it puts
+    // an item back (a retry) only its own bookkeeping can tell it to claim
+    // again. With the lease and sweep timers an hour away, a worker that
+    // forgot would sleep past the deadline of `run`.
+    let sb = Sandbox::new();
+    sb.add("lines", "flaky\n", &["--max-attempts", "3"]);
+    let out = sb
+        .lw(["worker", "-c", "2", "--backoff-base", "10ms"])
+        .args(["--lease", "3h", "--sweep-interval", "1h"])
+        .args(["--", "sh", "-c", r#"test "$LITEWORK_ATTEMPT" -gt 1"#, "sh"])
+        .run();
+    assert_eq!(summary(&out.stderr).counts(), (1, 1, 0, 0, 0));
+    let item = sb.only_item();
+    assert_eq!((item.status.as_str(), item.attempts), ("done", 2));
+}
+
+#[test]
 fn permanent_exit_status_fails_the_item_at_once() {
     let sb = Sandbox::new();
     sb.add("lines", "hopeless\n", &["--max-attempts", "3"]);
