@@ -16,10 +16,11 @@ pub mod schema;
 mod sql;
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::types::ValueRef;
+use rusqlite::types::{Value, ValueRef};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
 
 use crate::error::{Error, Result};
@@ -697,6 +698,8 @@ fn configure(conn: &mut Connection, synchronous: &str) -> rusqlite::Result<()> {
     // its high-water mark on disk.
     conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
     conn.set_prepared_statement_cache_capacity(32);
+    // `rarray(?)`: a list of ids bound as one parameter (see sql::LEASE).
+    rusqlite::vtab::array::load_module(conn)?;
     // The file was switched to WAL when it was opened; WAL is persistent, so
     // a connection that sees another mode means the file was changed behind
     // our back (or the filesystem cannot do WAL): refuse rather than run
@@ -920,27 +923,40 @@ impl Session {
             }
             if turn.claim > 0 {
                 tx.prepare_cached(sql::PROMOTE)?.execute(params![now])?;
-                let mut claim = tx.prepare_cached(sql::CLAIM)?;
                 let n = i64::try_from(turn.claim).unwrap_or(i64::MAX);
-                let rows = claim.query_map(params![worker, now, lease_ms, n], |r| {
+                let mut ready = tx.prepare_cached(sql::READY)?;
+                let rows = ready.query_map([n], |r| {
+                    // As they will be once LEASE below has run.
                     Ok(Job {
                         id: r.get(0)?,
                         payload: bytes(r.get_ref(1)?),
                         key: key_text(r.get_ref(2)?),
                         priority: r.get(3)?,
-                        attempt: to_u32(r.get(4)?),
+                        attempt: to_u32(r.get::<_, i64>(4)? + 1),
                         max_attempts: to_u32(r.get(5)?),
-                        token: r.get(6)?,
+                        token: r.get::<_, i64>(6)? + 1,
                     })
                 })?;
                 for job in rows {
                     out.claimed.push(job?);
                 }
+                if !out.claimed.is_empty() {
+                    let ids: Vec<Value> =
+                        out.claimed.iter().map(|j| Value::Integer(j.id)).collect();
+                    let leased = tx.prepare_cached(sql::LEASE)?.execute(params![
+                        Rc::new(ids),
+                        worker,
+                        now,
+                        lease_ms
+                    ])?;
+                    // Nothing else writes between the two statements: the
+                    // write lock is held since BEGIN IMMEDIATE.
+                    if leased != out.claimed.len() {
+                        return Err(rusqlite::Error::StatementChangedRows(leased));
+                    }
+                }
                 moves.pending -= out.claimed.len() as i64;
                 moves.running += out.claimed.len() as i64;
-                // RETURNING gives rows in no promised order.
-                out.claimed
-                    .sort_by_key(|j| (std::cmp::Reverse(j.priority), j.id));
             }
             moves.apply(tx, now)?;
             Ok(out)

@@ -22,23 +22,29 @@ UPDATE OR FAIL items
 SET run_after = 0
 WHERE status = 'pending' AND run_after > 0 AND run_after <= ?1";
 
-/// ?1 worker, ?2 now, ?3 lease length in ms, ?4 how many.
-pub const CLAIM: &str = "
+/// The ready items a claim takes, in claim order: highest priority,
+/// then oldest. ?1 how many. [`LEASE`] then leases exactly these rows in
+/// the same transaction: reading them first and changing them by id costs
+/// less than one `UPDATE ... RETURNING` (which keeps every returned row in
+/// a temporary table until the statement ends).
+pub const READY: &str = "
+SELECT id, payload, key, priority, attempts, max_attempts, lease_token
+FROM items
+WHERE status = 'pending' AND run_after = 0
+ORDER BY priority DESC, id
+LIMIT ?1";
+
+/// Leases the items [`READY`] returned. ?1 their ids (an `rarray`),
+/// ?2 worker, ?3 now, ?4 lease length in ms.
+pub const LEASE: &str = "
 UPDATE OR FAIL items
 SET status        = 'running',
     attempts      = attempts + 1,
     lease_token   = lease_token + 1,
-    lease_owner   = ?1,
-    lease_expires = ?2 + ?3,
-    started_at    = ?2
-WHERE id IN (
-    SELECT id
-    FROM items
-    WHERE status = 'pending' AND run_after = 0
-    ORDER BY priority DESC, id
-    LIMIT ?4
-)
-RETURNING id, payload, key, priority, attempts, max_attempts, lease_token";
+    lease_owner   = ?2,
+    lease_expires = ?3 + ?4,
+    started_at    = ?3
+WHERE id IN rarray(?1) AND status = 'pending' AND run_after = 0";
 
 /// ?1 id, ?2 token, ?3 result, ?4 now.
 pub const COMPLETE: &str = "

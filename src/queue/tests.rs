@@ -73,13 +73,13 @@ fn plan(queue: &Queue, sql: &str, params: usize) -> Vec<String> {
 #[test]
 fn claim_uses_the_partial_index_and_no_table_scan() {
     let (_dir, queue) = fresh();
-    let plan = plan(&queue, sql::CLAIM, 4);
+    let plan = plan(&queue, sql::READY, 1);
     let text = plan.join("\n");
-    // The subquery walks items_ready in claim order; the outer UPDATE looks
-    // rows up by id. Any other scan of items would grow with the queue.
+    // The read walks items_ready in claim order and stops at the limit;
+    // any other scan of items would grow with the queue.
     assert!(
         plan.iter()
-            .any(|l| l.contains("SCAN items USING COVERING INDEX items_ready")),
+            .any(|l| l.contains("SCAN items USING INDEX items_ready")),
         "plan:\n{text}"
     );
     for line in &plan {
@@ -89,6 +89,19 @@ fn claim_uses_the_partial_index_and_no_table_scan() {
     assert!(
         !text.contains("TEMP B-TREE"),
         "claim must not sort:\n{text}"
+    );
+    // The lease then changes those rows by id.
+    let lease = self::plan(&queue, sql::LEASE, 4);
+    let text = lease.join("\n");
+    assert!(
+        lease
+            .iter()
+            .any(|l| l.contains("SEARCH items USING INTEGER PRIMARY KEY")),
+        "plan:\n{text}"
+    );
+    assert!(
+        !lease.iter().any(|l| l.starts_with("SCAN items")),
+        "table scan in plan:\n{text}"
     );
 }
 
