@@ -681,8 +681,13 @@ impl Loop<'_> {
         }
         debug!(worker = %self.id, released, "handed back items that waited too long");
         // Items got slow: hold no more than the executors until the
-        // measured rate says otherwise.
+        // measured rate says otherwise. The rate is measured afresh: the
+        // fast stretch behind it would raise the depth again at once, and
+        // the items just handed back would be claimed ahead again.
         self.depth = self.executors();
+        self.rate = 0.0;
+        self.rate_count = 0;
+        self.rate_since = Instant::now();
     }
 
     fn executors(&self) -> usize {
