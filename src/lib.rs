@@ -5,7 +5,8 @@
 //!
 //! - [`queue`]: the store. Opening and recognising a queue file, the
 //!   schema and its migrations, and every state change of an item (add,
-//!   claim, record, requeue, retry) as one fenced SQL statement.
+//!   claim, record, requeue, retry) as fenced SQL statements inside one
+//!   immediate transaction.
 //! - [`worker`]: the claim → execute → record loop of one process, with
 //!   its executor threads, heartbeats and graceful drain. Items run
 //!   through a [`worker::Handler`]: a closure, or a command.

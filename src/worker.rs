@@ -21,7 +21,10 @@
 //! When nothing is ready the thread does not take the write lock to find
 //! out: it polls `PRAGMA data_version` (which changes only when another
 //! connection commits) with a backoff of up to `idle_poll`, and wakes at
-//! the `run_after` of the earliest delayed item.
+//! the `run_after` of the earliest delayed item. Its own commits do not
+//! move `data_version`, so when it puts an item back itself it keeps
+//! track: a retry moves that wake-up time earlier, a release (ready at
+//! once) makes it claim again straight away.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -826,8 +829,9 @@ impl Loop<'_> {
     }
 
     /// Counts a recorded outcome. An item this worker sent back to pending
-    /// (a retry, a release) may be ready before anything else commits, so
-    /// the idle state is dropped: the next turn claims and reads it afresh.
+    /// may be ready before anything else commits (our own commits do not
+    /// move `data_version`): a retry brings the idle wake-up forward to its
+    /// `run_after`, a release drops the idle state so the next turn claims.
     fn count(&mut self, job: &Job, completion: &Completion, recorded: Recorded) {
         if recorded == Recorded::LeaseLost {
             self.report.lost += 1;
@@ -839,9 +843,14 @@ impl Loop<'_> {
         match completion {
             Completion::Done { .. } => self.report.done += 1,
             Completion::Failed { .. } => self.report.failed += 1,
-            Completion::Retry { .. } => {
+            Completion::Retry { run_after, .. } => {
                 self.report.retried += 1;
-                self.idle = None;
+                // Due then, or at once (0); the next claim would not see
+                // it before, and an idle worker wakes for it.
+                if let Some(idle) = &mut self.idle {
+                    let due = *run_after;
+                    idle.next_ready_at = Some(idle.next_ready_at.map_or(due, |at| at.min(due)));
+                }
             }
             Completion::Release => {
                 self.report.released += 1;

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 /// reader held checkpoints back and the WAL grew, it shrinks to this.
 pub const JOURNAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
 
-/// RETURNING, used by claims and requeues, arrived in SQLite 3.35.0.
+/// RETURNING, used by records and requeues, arrived in SQLite 3.35.0.
 const MIN_SQLITE: i32 = 3_035_000;
 
 /// Milliseconds since the Unix epoch, the unit of every time in the schema.
@@ -952,7 +952,13 @@ impl Session {
                     // Nothing else writes between the two statements: the
                     // write lock is held since BEGIN IMMEDIATE.
                     if leased != out.claimed.len() {
-                        return Err(rusqlite::Error::StatementChangedRows(leased));
+                        return Err(rusqlite::Error::SqliteFailure(
+                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_INTERNAL),
+                            Some(format!(
+                                "a claim read {} ready items but leased {leased}",
+                                out.claimed.len()
+                            )),
+                        ));
                     }
                 }
                 moves.pending -= out.claimed.len() as i64;
