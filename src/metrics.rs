@@ -285,24 +285,30 @@ impl SupervisorMetrics {
     }
 }
 
-/// Exports the busy handler's process-wide counters.
+/// Exports the process-wide lock counters of [`busy`]: waits for the write
+/// lock, and the time write transactions held it.
 struct BusyCollector {
     descs: Vec<Desc>,
 }
 
 impl BusyCollector {
     fn new() -> BusyCollector {
-        let (waits, waited) = BusyCollector::counters(0, 0.0);
+        let (waits, waited, held) = BusyCollector::counters(0, 0.0, 0.0);
         let descs = waits
             .desc()
             .into_iter()
             .chain(waited.desc())
+            .chain(held.desc())
             .cloned()
             .collect();
         BusyCollector { descs }
     }
 
-    fn counters(waits: u64, waited: f64) -> (IntCounter, prometheus::Counter) {
+    fn counters(
+        waits: u64,
+        waited: f64,
+        held: f64,
+    ) -> (IntCounter, prometheus::Counter, prometheus::Counter) {
         let w = check(IntCounter::new(
             "litework_sqlite_busy_waits_total",
             "Times this process slept waiting for an SQLite lock (SQLITE_BUSY).",
@@ -311,9 +317,14 @@ impl BusyCollector {
             "litework_sqlite_busy_wait_seconds_total",
             "Time this process spent asleep waiting for SQLite locks.",
         ));
+        let h = check(prometheus::Counter::new(
+            "litework_sqlite_write_lock_held_seconds_total",
+            "Time this process's write transactions held SQLite's write lock.",
+        ));
         w.inc_by(waits);
         s.inc_by(waited);
-        (w, s)
+        h.inc_by(held);
+        (w, s, h)
     }
 }
 
@@ -323,8 +334,16 @@ impl Collector for BusyCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let (w, s) = BusyCollector::counters(busy::waits(), busy::waited().as_secs_f64());
-        w.collect().into_iter().chain(s.collect()).collect()
+        let (w, s, h) = BusyCollector::counters(
+            busy::waits(),
+            busy::waited().as_secs_f64(),
+            busy::held().as_secs_f64(),
+        );
+        w.collect()
+            .into_iter()
+            .chain(s.collect())
+            .chain(h.collect())
+            .collect()
     }
 }
 
@@ -670,6 +689,7 @@ mod tests {
             "litework_items_finished_total{outcome=\"lost\"} 1",
             "litework_item_duration_seconds_count{outcome=\"done\"} 1",
             "litework_sqlite_busy_waits_total",
+            "litework_sqlite_write_lock_held_seconds_total",
             "litework_build_info{version=",
         ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");

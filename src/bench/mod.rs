@@ -82,6 +82,11 @@ struct RunReport {
     claim_max_us: f64,
     busy_waits: u64,
     busy_waited_s: f64,
+    /// The write transactions' lock-hold times, summed over the workers.
+    lock_held_s: f64,
+    /// `lock_held_s` over the wall time: near 1, the single write lock is
+    /// what limits the rate.
+    lock_busy: f64,
     lease_lost: u64,
     retried: u64,
     worker_peak_rss_kb: u64,
@@ -453,6 +458,7 @@ impl Fleet<'_> {
         let us = |q: Option<Duration>| q.map_or(0.0, |d| d.as_secs_f64() * 1e6);
         let fail_free = !matches!(self.work, WorkKind::Fail(r) if r > 0.0);
         let check = check(db, items as u64, sum(|o| o.runs), fail_free)?;
+        let lock_held_s = sum(|o| o.lock_held_ns) as f64 / 1e9;
         Ok(RunReport {
             enqueue_s: enqueue_took.as_secs_f64(),
             enqueue_peak_rss_kb: enqueue_rss,
@@ -464,6 +470,8 @@ impl Fleet<'_> {
             claim_max_us: us(claim.max()),
             busy_waits: sum(|o| o.busy_waits),
             busy_waited_s: sum(|o| o.busy_waited_ns) as f64 / 1e9,
+            lock_held_s,
+            lock_busy: lock_held_s / wall.as_secs_f64(),
             lease_lost: sum(|o| o.lost),
             retried: sum(|o| o.retried),
             worker_peak_rss_kb: outputs.iter().map(|o| o.rss_peak_kb).max().unwrap_or(0),
@@ -645,13 +653,14 @@ fn print_report(r: &Report) {
     let line = |name: &str, run: &RunReport| {
         println!(
             "  {name:<14} {:>10} items/s  claim p50 {:.0} us, p99 {:.0} us, max {:.0} us; \
-             {} lock waits ({:.2} s)",
+             {} lock waits ({:.2} s); write lock held {:.0}% of the run",
             thousands(run.items_per_s),
             run.claim_p50_us,
             run.claim_p99_us,
             run.claim_max_us,
             run.busy_waits,
             run.busy_waited_s,
+            run.lock_busy * 100.0,
         );
     };
     if let Some(seed) = &r.seed {

@@ -39,6 +39,8 @@ pub struct WorkerOutput {
     pub pickup: Snapshot,
     pub busy_waits: u64,
     pub busy_waited_ns: u64,
+    /// Time this worker's write transactions held the write lock.
+    pub lock_held_ns: u64,
     pub rss_start_kb: u64,
     pub rss_end_kb: u64,
     pub rss_peak_kb: u64,
@@ -184,6 +186,7 @@ pub fn bench_worker(
     }
     out.busy_waits = busy::waits();
     out.busy_waited_ns = u64::try_from(busy::waited().as_nanos()).unwrap_or(u64::MAX);
+    out.lock_held_ns = u64::try_from(busy::held().as_nanos()).unwrap_or(u64::MAX);
     out.rss_start_kb = rss_start_kb;
     (out.rss_end_kb, out.rss_peak_kb) = memory_kb();
     if let Some(spec) = &handler.command {

@@ -11,19 +11,38 @@
 //!
 //! `rusqlite` takes a plain `fn` pointer as the handler, so the counters
 //! and the limit are process-wide statics; the metrics exporter reads them.
+//!
+//! The other side of waiting is holding: [`held`] adds up how long this
+//! process's write transactions kept the lock. Summed over all processes
+//! and divided by the wall time, it says how busy the one write lock was;
+//! near 100%, the lock is the bottleneck and only cheaper transactions
+//! make the queue faster. The lock is let go inside `COMMIT`, before
+//! SQLite's automatic checkpoint runs in the same call, so a hook on the
+//! commit (see [`install`]) marks the moment; timing the whole `COMMIT`
+//! counted checkpoints and the wait for a core as held, and summed to
+//! over 100% on a busy machine.
 
 use std::cell::Cell;
+use std::ffi::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use rusqlite::{ffi, Connection};
 
 static WAITS: AtomicU64 = AtomicU64::new(0);
 static WAITED_NANOS: AtomicU64 = AtomicU64::new(0);
 static LIMIT_MILLIS: AtomicU64 = AtomicU64::new(60_000);
+static HELD_NANOS: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     /// When the current lock wait on this thread began.
     static WAIT_STARTED: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// When the last commit on this thread let the write lock go.
+    static RELEASED: Cell<Option<Instant>> = const { Cell::new(None) };
 }
+
+/// WAL pages after which a commit checkpoints: SQLite's own default.
+const AUTOCHECKPOINT_PAGES: c_int = 1000;
 
 /// How many times any connection of this process slept waiting for a lock.
 pub fn waits() -> u64 {
@@ -33,6 +52,67 @@ pub fn waits() -> u64 {
 /// Total time this process spent asleep waiting for locks.
 pub fn waited() -> Duration {
     Duration::from_nanos(WAITED_NANOS.load(Ordering::Relaxed))
+}
+
+/// How long this process's write transactions held the write lock: from
+/// `BEGIN IMMEDIATE` getting it to `COMMIT` (or the rollback) returning.
+/// A commit that runs SQLite's automatic checkpoint counts the checkpoint
+/// too, though other writers may go on meanwhile.
+pub fn held() -> Duration {
+    Duration::from_nanos(HELD_NANOS.load(Ordering::Relaxed))
+}
+
+/// A write transaction on this thread got the lock: returns the moment,
+/// for [`let_go`].
+pub(crate) fn taken() -> Instant {
+    let _ = RELEASED.try_with(|r| r.set(None));
+    Instant::now()
+}
+
+/// The write transaction that got the lock at `taken` has ended: adds the
+/// time until its commit let the lock go (or until now, after a rollback
+/// or a commit that wrote nothing) to [`held`].
+pub(crate) fn let_go(taken: Instant) {
+    let end = RELEASED
+        .try_with(Cell::take)
+        .ok()
+        .flatten()
+        .unwrap_or_else(Instant::now);
+    let nanos = u64::try_from(end.saturating_duration_since(taken).as_nanos());
+    HELD_NANOS.fetch_add(nanos.unwrap_or(u64::MAX), Ordering::Relaxed);
+}
+
+/// Installs the commit hook behind [`held`] on `conn`. It takes the place
+/// of SQLite's automatic checkpoint hook and does what that one does (a
+/// passive checkpoint once the WAL holds 1000 pages), after noting when
+/// the lock was let go.
+pub(crate) fn install(conn: &Connection) {
+    // SAFETY: the handle is live for as long as `conn`, which owns the
+    // hook's registration; the hook keeps no pointer of its own.
+    unsafe {
+        ffi::sqlite3_wal_hook(conn.handle(), Some(committed), std::ptr::null_mut());
+    }
+}
+
+/// Called by SQLite after each commit in WAL mode, once the write lock is
+/// released, on the committing thread.
+unsafe extern "C" fn committed(
+    _: *mut c_void,
+    db: *mut ffi::sqlite3,
+    name: *const c_char,
+    pages: c_int,
+) -> c_int {
+    let _ = RELEASED.try_with(|r| r.set(Some(Instant::now())));
+    if pages >= AUTOCHECKPOINT_PAGES {
+        // SAFETY: SQLite passes its own live handle and the name of the
+        // database just committed; its default hook makes this same call.
+        // A checkpoint that cannot run now (another is running) is simply
+        // left to the next commit, as SQLite does.
+        unsafe {
+            ffi::sqlite3_wal_checkpoint(db, name);
+        }
+    }
+    ffi::SQLITE_OK
 }
 
 /// How long one statement may wait for the write lock before it fails.

@@ -692,6 +692,7 @@ pub fn plain_connection(path: &Path, durable: bool) -> Result<Connection> {
 /// Pragmas every pooled connection gets.
 fn configure(conn: &mut Connection, synchronous: &str) -> rusqlite::Result<()> {
     conn.busy_handler(Some(busy::handler))?;
+    busy::install(conn);
     conn.pragma_update(None, "synchronous", synchronous)?;
     conn.pragma_update(None, "foreign_keys", true)?;
     // After a checkpoint the WAL is cut back to this size instead of keeping
@@ -869,9 +870,10 @@ impl Session {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| Error::sqlite(path, e))?;
-        let value = f(&tx).map_err(|e| Error::sqlite(path, e))?;
-        tx.commit().map_err(|e| Error::sqlite(path, e))?;
-        Ok(value)
+        let locked = busy::taken();
+        let value = f(&tx).and_then(|value| tx.commit().map(|()| value));
+        busy::let_go(locked);
+        value.map_err(|e| Error::sqlite(path, e))
     }
 
     /// Adds items, all in one transaction: if any element of `items` is an
@@ -1368,40 +1370,57 @@ where
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(|e| Error::sqlite(path, e))?;
+    let locked = busy::taken();
+    // An input error returns before the commit; dropping `tx` rolls back.
+    let report = add_rows(&tx, path, items, default_max_attempts).and_then(|report| {
+        tx.commit()
+            .map(|()| report)
+            .map_err(|e| Error::sqlite(path, e))
+    });
+    busy::let_go(locked);
+    report
+}
+
+/// The inserts of [`add_in`].
+fn add_rows<I>(
+    tx: &Transaction<'_>,
+    path: &Path,
+    items: I,
+    default_max_attempts: u32,
+) -> Result<AddReport>
+where
+    I: IntoIterator<Item = Result<NewItem>>,
+{
     let mut report = AddReport::default();
-    {
-        // Rows go in ADD_BATCH at a time, one statement each: the cost of
-        // running a statement is paid per batch instead of per row, while
-        // memory stays at one batch whatever the input's size.
-        let now = now_ms();
-        let mut batch: Vec<NewItem> = Vec::with_capacity(ADD_BATCH);
-        let mut items = items.into_iter();
-        loop {
-            batch.clear();
-            for item in items.by_ref() {
-                // An input error returns here; dropping `tx` rolls back.
-                batch.push(item?);
-                if batch.len() == ADD_BATCH {
-                    break;
-                }
-            }
-            if batch.is_empty() {
+    // Rows go in ADD_BATCH at a time, one statement each: the cost of
+    // running a statement is paid per batch instead of per row, while
+    // memory stays at one batch whatever the input's size.
+    let now = now_ms();
+    let mut batch: Vec<NewItem> = Vec::with_capacity(ADD_BATCH);
+    let mut items = items.into_iter();
+    loop {
+        batch.clear();
+        for item in items.by_ref() {
+            batch.push(item?);
+            if batch.len() == ADD_BATCH {
                 break;
             }
-            let added = insert_batch(&tx, &batch, default_max_attempts, now)
-                .map_err(|e| Error::sqlite(path, e))?;
-            report.added += added as u64;
-            report.duplicates += (batch.len() - added) as u64;
         }
-        let moves = Moves {
-            pending: report.added as i64,
-            ..Moves::default()
-        };
-        moves
-            .apply(&tx, now_ms())
+        if batch.is_empty() {
+            break;
+        }
+        let added = insert_batch(tx, &batch, default_max_attempts, now)
             .map_err(|e| Error::sqlite(path, e))?;
+        report.added += added as u64;
+        report.duplicates += (batch.len() - added) as u64;
     }
-    tx.commit().map_err(|e| Error::sqlite(path, e))?;
+    let moves = Moves {
+        pending: report.added as i64,
+        ..Moves::default()
+    };
+    moves
+        .apply(tx, now_ms())
+        .map_err(|e| Error::sqlite(path, e))?;
     Ok(report)
 }
 

@@ -754,3 +754,31 @@ fn a_running_file_of_another_machine_is_not_trusted() {
     let rows = queue.session().unwrap().list(None, None).unwrap();
     assert!(rows.iter().all(|r| r.attempts == 1), "{rows:?}");
 }
+
+#[test]
+fn commits_keep_checkpointing_and_count_the_time_they_held_the_lock() {
+    // litework's commit hook stands in for SQLite's automatic checkpoint:
+    // if it stopped checkpointing, the WAL would grow by every commit.
+    let (dir, queue) = fresh();
+    let mut session = queue.session().unwrap();
+    let held_before = busy::held();
+    let commits = 1500;
+    for i in 0..commits {
+        let item = NewItem::new(format!("{i:0>200}").into_bytes());
+        session.add([Ok(item)], 3).unwrap();
+    }
+    let frames = session
+        .connection()
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
+        .unwrap();
+    // Each commit writes at least two pages (the items and the counts);
+    // without checkpoints the log would hold them all.
+    let wal = std::fs::metadata(dir.path().join("q.db-wal"))
+        .unwrap()
+        .len();
+    assert!(
+        frames < 1200 && wal < 1200 * 4200,
+        "{frames} frames, {wal} bytes of WAL after {commits} commits"
+    );
+    assert!(busy::held() > held_before);
+}

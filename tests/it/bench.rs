@@ -44,6 +44,10 @@ fn batched_workers_and_the_plain_pattern_each_do_every_item_exactly_once() {
             "{run}: {r}"
         );
         assert_eq!(r[run]["check"]["counts_agree"], true, "{run}: {r}");
+        // Every worker wrote, so every one held the write lock a while.
+        let held = r[run]["lock_held_s"].as_f64().unwrap_or(0.0);
+        let busy = r[run]["lock_busy"].as_f64().unwrap_or(0.0);
+        assert!(held > 0.0 && busy > 0.0, "{run}: {r}");
     }
     // The batching design claims many items per transaction; the plain
     // pattern one (plus one empty claim per worker at the end).
