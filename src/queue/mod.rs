@@ -925,9 +925,8 @@ impl Session {
             }
             if turn.claim > 0 {
                 tx.prepare_cached(sql::PROMOTE)?.execute(params![now])?;
-                let n = i64::try_from(turn.claim).unwrap_or(i64::MAX);
                 let mut ready = tx.prepare_cached(sql::READY)?;
-                let rows = ready.query_map([n], |r| {
+                let rows = ready.query_map([], |r| {
                     // As they will be once LEASE below has run.
                     Ok(Job {
                         id: r.get(0)?,
@@ -939,7 +938,7 @@ impl Session {
                         token: r.get::<_, i64>(6)? + 1,
                     })
                 })?;
-                for job in rows {
+                for job in rows.take(turn.claim) {
                     out.claimed.push(job?);
                 }
                 if !out.claimed.is_empty() {

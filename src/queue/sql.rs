@@ -22,17 +22,19 @@ UPDATE OR FAIL items
 SET run_after = 0
 WHERE status = 'pending' AND run_after > 0 AND run_after <= ?1";
 
-/// The ready items a claim takes, in claim order: highest priority,
-/// then oldest. ?1 how many. [`LEASE`] then leases exactly these rows in
-/// the same transaction: reading them first and changing them by id costs
-/// less than one `UPDATE ... RETURNING` (which keeps every returned row in
-/// a temporary table until the statement ends).
+/// The ready items, in claim order: highest priority, then oldest. The
+/// caller reads as many rows as it claims and stops; the index gives them
+/// in order, so nothing past those is read. (A `LIMIT ?` would cost more:
+/// SQLite plans with the bound limit and compiles the statement again
+/// whenever a different one is bound.) [`LEASE`] then leases exactly
+/// these rows in the same transaction: reading them first and changing
+/// them by id costs less than one `UPDATE ... RETURNING` (which keeps
+/// every returned row in a temporary table until the statement ends).
 pub const READY: &str = "
 SELECT id, payload, key, priority, attempts, max_attempts, lease_token
 FROM items
 WHERE status = 'pending' AND run_after = 0
-ORDER BY priority DESC, id
-LIMIT ?1";
+ORDER BY priority DESC, id";
 
 /// Leases the items [`READY`] returned. ?1 their ids (an `rarray`),
 /// ?2 worker, ?3 now, ?4 lease length in ms.

@@ -73,7 +73,7 @@ fn plan(queue: &Queue, sql: &str, params: usize) -> Vec<String> {
 #[test]
 fn claim_uses_the_partial_index_and_no_table_scan() {
     let (_dir, queue) = fresh();
-    let plan = plan(&queue, sql::READY, 1);
+    let plan = plan(&queue, sql::READY, 0);
     let text = plan.join("\n");
     // The read walks items_ready in claim order and stops at the limit;
     // any other scan of items would grow with the queue.
@@ -781,4 +781,42 @@ fn commits_keep_checkpointing_and_count_the_time_they_held_the_lock() {
         "{frames} frames, {wal} bytes of WAL after {commits} commits"
     );
     assert!(busy::held() > held_before);
+}
+
+#[test]
+fn claims_of_different_sizes_reuse_the_compiled_statements() {
+    // Each turn claims as many items as the worker has room for, a number
+    // that changes from turn to turn; a statement compiled again for each
+    // new number costs more than the claim itself on small turns.
+    let (_dir, queue) = fresh();
+    let payloads: Vec<String> = (0..20).map(|i| format!("item {i}")).collect();
+    add(
+        &queue,
+        &payloads.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut session = queue.session().unwrap();
+    let mut held: Vec<Job> = Vec::new();
+    for n in [1, 3, 2, 5, 4] {
+        let finished = held
+            .drain(..)
+            .map(|job| {
+                let result = format!("result of {}", job.id).into_bytes();
+                (job, Completion::Done { result })
+            })
+            .collect();
+        let turn = Turn {
+            finished,
+            claim: n,
+            ..Turn::default()
+        };
+        held = session.turn("w1", LEASE, &turn).unwrap().claimed;
+        assert_eq!(held.len(), n);
+    }
+    let status = queue.status().unwrap();
+    assert_eq!((status.done, status.running), (11, 4));
+    for sql in [sql::READY, sql::LEASE, &sql::complete(4), &sql::complete(1)] {
+        let stmt = session.connection().prepare_cached(sql).unwrap();
+        let again = stmt.get_status(rusqlite::StatementStatus::RePrepare);
+        assert_eq!(again, 0, "compiled {again} more times:{sql}");
+    }
 }
