@@ -23,11 +23,12 @@
 //! over 100% on a busy machine.
 
 use std::cell::Cell;
-use std::ffi::{c_char, c_int, c_void};
+use std::ffi::c_int;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rusqlite::{ffi, Connection};
+use rusqlite::hooks::Wal;
+use rusqlite::Connection;
 
 static WAITS: AtomicU64 = AtomicU64::new(0);
 static WAITED_NANOS: AtomicU64 = AtomicU64::new(0);
@@ -54,10 +55,10 @@ pub fn waited() -> Duration {
     Duration::from_nanos(WAITED_NANOS.load(Ordering::Relaxed))
 }
 
-/// How long this process's write transactions held the write lock: from
-/// `BEGIN IMMEDIATE` getting it to `COMMIT` (or the rollback) returning.
-/// A commit that runs SQLite's automatic checkpoint counts the checkpoint
-/// too, though other writers may go on meanwhile.
+/// How long this process's write transactions (those of `Session`: turns,
+/// records, requeues, sweeps, adds) held the write lock: from `BEGIN
+/// IMMEDIATE` getting it to the moment the commit let it go (before any
+/// checkpoint), or to the end of a rollback.
 pub fn held() -> Duration {
     Duration::from_nanos(HELD_NANOS.load(Ordering::Relaxed))
 }
@@ -86,33 +87,33 @@ pub(crate) fn let_go(taken: Instant) {
 /// of SQLite's automatic checkpoint hook and does what that one does (a
 /// passive checkpoint once the WAL holds 1000 pages), after noting when
 /// the lock was let go.
+///
+/// Nothing may set `PRAGMA wal_autocheckpoint` on such a connection
+/// afterwards: SQLite would put its own hook back, checkpoints would go on,
+/// but [`held`] would silently count them (and the wait for a core after
+/// the commit) again.
 pub(crate) fn install(conn: &Connection) {
-    // SAFETY: the handle is live for as long as `conn`, which owns the
-    // hook's registration; the hook keeps no pointer of its own.
-    unsafe {
-        ffi::sqlite3_wal_hook(conn.handle(), Some(committed), std::ptr::null_mut());
-    }
+    conn.wal_hook(Some(committed));
 }
 
 /// Called by SQLite after each commit in WAL mode, once the write lock is
 /// released, on the committing thread.
-unsafe extern "C" fn committed(
-    _: *mut c_void,
-    db: *mut ffi::sqlite3,
-    name: *const c_char,
-    pages: c_int,
-) -> c_int {
+fn committed(wal: &Wal, pages: c_int) -> rusqlite::Result<()> {
     let _ = RELEASED.try_with(|r| r.set(Some(Instant::now())));
     if pages >= AUTOCHECKPOINT_PAGES {
-        // SAFETY: SQLite passes its own live handle and the name of the
-        // database just committed; its default hook makes this same call.
-        // A checkpoint that cannot run now (another is running) is simply
-        // left to the next commit, as SQLite does.
-        unsafe {
-            ffi::sqlite3_wal_checkpoint(db, name);
-        }
+        // An error here would fail the COMMIT that already succeeded; a
+        // checkpoint that cannot run now (another one is running) is left
+        // to a later commit, as SQLite's own hook does.
+        let _ = wal.checkpoint();
     }
-    ffi::SQLITE_OK
+    Ok(())
+}
+
+/// Whether a commit on this thread let the write lock go since
+/// [`taken`]: the hook is installed.
+#[cfg(test)]
+pub(crate) fn released_since_taken() -> bool {
+    RELEASED.try_with(|r| r.get().is_some()).unwrap_or(false)
 }
 
 /// How long one statement may wait for the write lock before it fails.

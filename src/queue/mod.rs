@@ -689,7 +689,9 @@ pub fn plain_connection(path: &Path, durable: bool) -> Result<Connection> {
     Ok(conn)
 }
 
-/// Pragmas every pooled connection gets.
+/// Pragmas, the busy handler and the commit hook (see [`busy::install`])
+/// every connection that writes the queue gets: the pooled ones, the
+/// staging file's and `bench`'s raw one.
 fn configure(conn: &mut Connection, synchronous: &str) -> rusqlite::Result<()> {
     conn.busy_handler(Some(busy::handler))?;
     busy::install(conn);

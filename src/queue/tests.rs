@@ -75,8 +75,9 @@ fn claim_uses_the_partial_index_and_no_table_scan() {
     let (_dir, queue) = fresh();
     let plan = plan(&queue, sql::READY, 0);
     let text = plan.join("\n");
-    // The read walks items_ready in claim order and stops at the limit;
-    // any other scan of items would grow with the queue.
+    // The read walks items_ready in claim order and the caller stops it
+    // after the rows it claims; any other scan of items would grow with
+    // the queue, and a sort would read every ready item first.
     assert!(
         plan.iter()
             .any(|l| l.contains("SCAN items USING INDEX items_ready")),
@@ -781,6 +782,15 @@ fn commits_keep_checkpointing_and_count_the_time_they_held_the_lock() {
         "{frames} frames, {wal} bytes of WAL after {commits} commits"
     );
     assert!(busy::held() > held_before);
+
+    // The hook, not SQLite's own, ran: it marked when the lock was let go.
+    let taken = busy::taken();
+    session
+        .connection()
+        .execute_batch("INSERT INTO throughput (second) VALUES (0)")
+        .unwrap();
+    assert!(busy::released_since_taken());
+    busy::let_go(taken);
 }
 
 #[test]
