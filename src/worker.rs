@@ -845,8 +845,8 @@ impl Loop<'_> {
             Completion::Failed { .. } => self.report.failed += 1,
             Completion::Retry { run_after, .. } => {
                 self.report.retried += 1;
-                // Due then, or at once (0); the next claim would not see
-                // it before, and an idle worker wakes for it.
+                // Ready at `run_after` (now, without backoff): an idle
+                // worker wakes for it then, though no other commit came.
                 if let Some(idle) = &mut self.idle {
                     let due = *run_after;
                     idle.next_ready_at = Some(idle.next_ready_at.map_or(due, |at| at.min(due)));
@@ -1136,10 +1136,10 @@ impl Loop<'_> {
             let could_claim = held < k || held <= self.depth / 2;
             let may_claim = could_claim && self.free_slots() > 0 && self.stopping.is_none();
             if may_claim && self.idle.is_none() {
-                // Not known to be idle (a retry or release of ours went back
-                // to pending since the last claim, and our own commits do
-                // not move `data_version`): claim now rather than sleep
-                // until the next sweep.
+                // Not known to be idle (say an item of ours was released
+                // since the last claim, and our own commits do not move
+                // `data_version`): claim now rather than sleep until the
+                // next heartbeat or sweep.
                 consider(now);
             }
             if self.idle.is_some() && may_claim {
