@@ -2,7 +2,7 @@
 # Reproduces every figure of the README's "Performance" section, each side
 # by side with its baseline in the same run, on this machine.
 #
-#   bash benches/run.sh            # all of it (about 3 minutes on 2 cores)
+#   bash benches/run.sh            # all of it (about 5 minutes on 2 cores)
 #   SEED=path/to/seed_pattern.py bash benches/run.sh   # also the Python seed
 #
 # Needs: a release build (made here), xargs, and GNU parallel for the
@@ -18,8 +18,8 @@ trap 'rm -rf "$work"' EXIT
 
 section() { printf '\n== %s\n' "$1"; }
 
-section "no-op items: raw SQLite, the plain pattern, litework (4 workers x 4), pickup"
-"$lw" bench --items 200000 -w 4 -c 4 --compare-seed --pickup 500
+section "no-op items: raw SQLite, the plain pattern, litework (4 workers x 4), pickup; three runs"
+"$lw" bench --items 200000 -w 4 -c 4 --compare-seed --pickup 500 --runs 3
 
 if [[ -n "${SEED:-}" ]]; then
     section "the plain pattern in Python (${SEED}), same machine"

@@ -391,6 +391,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "ITEMS")]
     pub status_at: Option<u64>,
 
+    /// Measure this many times (raw SQLite, the plain pattern, litework,
+    /// one after the other each time) and report each run and the median:
+    /// on a shared machine one run can be off by a fifth.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub runs: u32,
+
     /// Mean time between worker kills (jittered by ±50%).
     #[arg(long, value_parser = duration, default_value = "300ms")]
     pub kill_every: Duration,

@@ -143,21 +143,162 @@ pub fn bench(args: BenchArgs, durable: bool) -> anyhow::Result<ExitCode> {
     }
     let items = args.items.unwrap_or(200_000);
     let (dir, temporary) = bench_dir(args.dir.as_deref(), "bench")?;
-    let result = load(&exe, &dir, &args, items, concurrency, durable);
+    let result = repeat(&exe, &dir, &args, items, concurrency, durable);
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let report = result?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_report(&report);
+    let reports = result?;
+    let passed = reports.iter().all(|r| r.passed);
+    match reports.as_slice() {
+        [one] if args.json => println!("{}", serde_json::to_string(one)?),
+        [one] => print_report(one),
+        many => {
+            let summary = Summary::of(many);
+            if args.json {
+                let all = serde_json::json!({
+                    "runs": many,
+                    "median": summary.median,
+                    "min": summary.min,
+                    "max": summary.max,
+                    "passed": passed,
+                });
+                println!("{all}");
+            } else {
+                for (i, r) in many.iter().enumerate() {
+                    println!("run {} of {}:", i + 1, many.len());
+                    print_report(r);
+                }
+                summary.print(many.len());
+            }
+        }
     }
-    Ok(if report.passed {
+    Ok(if passed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `--runs` measurements, each in a directory of its own when there are
+/// several; pickup and `--status-at` are measured in the first only.
+fn repeat(
+    exe: &Path,
+    dir: &Path,
+    args: &BenchArgs,
+    items: usize,
+    concurrency: usize,
+    durable: bool,
+) -> anyhow::Result<Vec<Report>> {
+    let runs = args.runs.max(1);
+    let mut reports = Vec::new();
+    for run in 1..=runs {
+        let here = if runs == 1 {
+            dir.to_path_buf()
+        } else {
+            let d = dir.join(format!("run-{run}"));
+            std::fs::create_dir(&d).with_context(|| format!("{}", d.display()))?;
+            d
+        };
+        if runs > 1 {
+            eprintln!("bench: run {run} of {runs}");
+        }
+        let extras = run == 1;
+        reports.push(load(exe, &here, args, items, concurrency, durable, extras)?);
+    }
+    Ok(reports)
+}
+
+/// The figures compared across runs.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Figures {
+    items_per_s: f64,
+    raw_row_updates_per_s: f64,
+    share_of_raw: f64,
+    seed_items_per_s: Option<f64>,
+    speedup_vs_seed: Option<f64>,
+}
+
+/// Median, least and most of each figure over several runs (each figure
+/// on its own, so the three need not come from the same run).
+struct Summary {
+    median: Figures,
+    min: Figures,
+    max: Figures,
+}
+
+impl Summary {
+    fn of(reports: &[Report]) -> Summary {
+        let figures: Vec<Figures> = reports
+            .iter()
+            .map(|r| Figures {
+                items_per_s: r.litework.items_per_s,
+                raw_row_updates_per_s: r.raw.row_updates_per_s,
+                share_of_raw: r.share_of_raw,
+                seed_items_per_s: r.seed.as_ref().map(|s| s.items_per_s),
+                speedup_vs_seed: r.speedup_vs_seed,
+            })
+            .collect();
+        let pick = |at: fn(&[f64]) -> f64| {
+            let each = |f: fn(&Figures) -> f64| {
+                let mut v: Vec<f64> = figures.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                at(&v)
+            };
+            let maybe = |f: fn(&Figures) -> Option<f64>| {
+                let mut v: Vec<f64> = figures.iter().filter_map(f).collect();
+                v.sort_by(f64::total_cmp);
+                (!v.is_empty()).then(|| at(&v))
+            };
+            Figures {
+                items_per_s: each(|f| f.items_per_s),
+                raw_row_updates_per_s: each(|f| f.raw_row_updates_per_s),
+                share_of_raw: each(|f| f.share_of_raw),
+                seed_items_per_s: maybe(|f| f.seed_items_per_s),
+                speedup_vs_seed: maybe(|f| f.speedup_vs_seed),
+            }
+        };
+        Summary {
+            median: pick(median),
+            min: pick(|v| v[0]),
+            max: pick(|v| v[v.len() - 1]),
+        }
+    }
+
+    fn print(&self, runs: usize) {
+        let (m, lo, hi) = (&self.median, &self.min, &self.max);
+        println!("median of {runs} runs (lowest to highest in parentheses):");
+        println!(
+            "  litework {} items/s ({} to {}); raw SQLite {} row updates/s ({} to {})",
+            thousands(m.items_per_s),
+            thousands(lo.items_per_s),
+            thousands(hi.items_per_s),
+            thousands(m.raw_row_updates_per_s),
+            thousands(lo.raw_row_updates_per_s),
+            thousands(hi.raw_row_updates_per_s),
+        );
+        if let (Some(x), Some(a), Some(b)) =
+            (m.speedup_vs_seed, lo.speedup_vs_seed, hi.speedup_vs_seed)
+        {
+            println!("  litework = {x:.1}x the plain pattern ({a:.1}x to {b:.1}x)");
+        }
+        println!(
+            "  litework = {:.1}% of the raw row-update rate ({:.1}% to {:.1}%)",
+            m.share_of_raw * 100.0,
+            lo.share_of_raw * 100.0,
+            hi.share_of_raw * 100.0
+        );
+    }
+}
+
+/// The middle value of sorted, non-empty `v` (the mean of the two middle
+/// ones for an even count).
+fn median(v: &[f64]) -> f64 {
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// The given directory (made if missing, refused unless empty), or a new
@@ -198,6 +339,7 @@ fn load(
     items: usize,
     concurrency: usize,
     durable: bool,
+    extras: bool,
 ) -> anyhow::Result<Report> {
     let fleet = Fleet {
         exe,
@@ -223,14 +365,14 @@ fn load(
     let _ = std::fs::remove_file(&input);
 
     let pickup = match args.pickup {
-        Some(n) if n > 0 => {
+        Some(n) if n > 0 && extras => {
             eprintln!("bench: pickup latency, {n} items one at a time");
             Some(fleet.pickup(&dir.join("pickup.db"), n)?)
         }
         _ => None,
     };
     let status_at = match args.status_at {
-        Some(n) if n > 0 => {
+        Some(n) if n > 0 && extras => {
             eprintln!("bench: status and scrape at {n} items");
             Some(status_at(exe, dir, n, durable)?)
         }
@@ -630,18 +772,20 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(body)
 }
 
-fn print_report(r: &Report) {
-    let thousands = |x: f64| {
-        let s = format!("{:.0}", x);
-        let mut out = String::new();
-        for (i, c) in s.chars().enumerate() {
-            if i > 0 && (s.len() - i) % 3 == 0 {
-                out.push(',');
-            }
-            out.push(c);
+/// `x` rounded, with thousands separated by commas.
+fn thousands(x: f64) -> String {
+    let s = format!("{:.0}", x);
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
         }
-        out
-    };
+        out.push(c);
+    }
+    out
+}
+
+fn print_report(r: &Report) {
     println!(
         "litework bench: {} items ({}), {} workers x {} executors; SQLite {}, {} CPUs",
         r.items, r.work, r.workers, r.concurrency, r.machine.sqlite, r.machine.cpus

@@ -59,6 +59,47 @@ fn batched_workers_and_the_plain_pattern_each_do_every_item_exactly_once() {
 }
 
 #[test]
+fn several_runs_are_reported_each_and_summed_up_by_their_median() {
+    let sb = Sandbox::new();
+    let r = bench(
+        &sb,
+        &[
+            "--items",
+            "2000",
+            "-w",
+            "2",
+            "--compare-seed",
+            "--runs",
+            "3",
+        ],
+    );
+    assert_eq!(r["passed"], true, "{r}");
+    let runs = r["runs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(runs.len(), 3, "{r}");
+    let mut rates = Vec::new();
+    for run in &runs {
+        assert_eq!(n(run, "/litework/check/done"), 2000, "{r}");
+        assert_eq!(n(run, "/seed/check/done"), 2000, "{r}");
+        rates.push(run["litework"]["items_per_s"].as_f64().unwrap_or(0.0));
+    }
+    rates.sort_by(f64::total_cmp);
+    let figure = |which: &str, name: &str| r[which][name].as_f64().unwrap_or(f64::NAN);
+    assert_eq!(figure("median", "items_per_s"), rates[1], "{r}");
+    assert_eq!(figure("min", "items_per_s"), rates[0], "{r}");
+    assert_eq!(figure("max", "items_per_s"), rates[2], "{r}");
+    let (lo, mid, hi) = (
+        figure("min", "speedup_vs_seed"),
+        figure("median", "speedup_vs_seed"),
+        figure("max", "speedup_vs_seed"),
+    );
+    assert!(lo <= mid && mid <= hi && lo > 0.0, "{r}");
+    // Each run has its own queues.
+    for run in 1..=3 {
+        assert!(sb.path(&format!("bench/run-{run}/litework.db")).exists());
+    }
+}
+
+#[test]
 fn failures_in_a_batch_are_retried_and_every_attempt_runs_once() {
     let sb = Sandbox::new();
     let r = bench(&sb, &["--items", "3000", "-w", "3", "--work", "fail=0.3"]);
@@ -109,6 +150,8 @@ fn bad_bench_options_are_refused_before_anything_runs() {
     let out = sb.bare().args(["bench", "--work", "fail=2"]).run_expect(2);
     out.assert_stderr_has("fail=2");
     out.assert_stderr_has("between 0 and 1");
+    let out = sb.bare().args(["bench", "--runs", "0"]).run_expect(2);
+    out.assert_stderr_has("--runs");
     std::fs::create_dir(sb.path("full")).unwrap();
     sb.write("full/something", "x");
     let out = sb
