@@ -239,22 +239,19 @@ impl Summary {
             })
             .collect();
         let pick = |at: fn(&[f64]) -> f64| {
-            let each = |f: fn(&Figures) -> f64| {
-                let mut v: Vec<f64> = figures.iter().map(f).collect();
-                v.sort_by(f64::total_cmp);
-                at(&v)
-            };
-            let maybe = |f: fn(&Figures) -> Option<f64>| {
+            // `at` of the runs that have the figure, in order.
+            let maybe = |f: &dyn Fn(&Figures) -> Option<f64>| {
                 let mut v: Vec<f64> = figures.iter().filter_map(f).collect();
                 v.sort_by(f64::total_cmp);
                 (!v.is_empty()).then(|| at(&v))
             };
+            let each = |f: fn(&Figures) -> f64| maybe(&|x| Some(f(x))).unwrap_or(f64::NAN);
             Figures {
                 items_per_s: each(|f| f.items_per_s),
                 raw_row_updates_per_s: each(|f| f.raw_row_updates_per_s),
                 share_of_raw: each(|f| f.share_of_raw),
-                seed_items_per_s: maybe(|f| f.seed_items_per_s),
-                speedup_vs_seed: maybe(|f| f.speedup_vs_seed),
+                seed_items_per_s: maybe(&|f| f.seed_items_per_s),
+                speedup_vs_seed: maybe(&|f| f.speedup_vs_seed),
             }
         };
         Summary {
