@@ -186,10 +186,18 @@ pub struct WorkerArgs {
     #[arg(long, value_parser = duration, default_value = "10s")]
     pub sweep_interval: Duration,
 
-    /// Longest pause between checks for new items when idle (a check is
-    /// one read of `PRAGMA data_version`, no lock).
+    /// Longest pause between checks for new items when idle and commits
+    /// cannot be watched (a check is one read of `PRAGMA data_version`, no
+    /// lock). While the database's log is watched, the longer of this and
+    /// 1s.
     #[arg(long, value_parser = duration, default_value = "4ms")]
     pub idle_poll: Duration,
+
+    /// Find new items by polling alone, every --idle-poll at most, instead
+    /// of also watching the database's log for other processes' commits
+    /// (inotify).
+    #[arg(long)]
+    pub poll_only: bool,
 
     /// Limit each item's CPU time (seconds; SIGXCPU, then SIGKILL).
     #[arg(long, value_name = "SECONDS")]
@@ -294,6 +302,7 @@ impl WorkerArgs {
             (self.follow, "--follow"),
             (self.stdin, "--stdin"),
             (self.shell, "--shell"),
+            (self.poll_only, "--poll-only"),
         ] {
             if on {
                 a.push(flag.into());
@@ -464,6 +473,10 @@ pub struct BenchWorkerArgs {
     /// measure the delay to their start. Keeps running until stdin closes.
     #[arg(long)]
     pub pickup: bool,
+
+    /// Find new items by polling only (no commit watch).
+    #[arg(long)]
+    pub poll_only: bool,
 
     #[arg(last = true)]
     pub command: Vec<OsString>,

@@ -425,6 +425,7 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
             max: args.backoff_max,
         },
         idle_poll: args.idle_poll,
+        watch_commits: !args.poll_only,
         sweep_interval: args.sweep_interval,
         metrics_addr: None,
     };

@@ -106,6 +106,7 @@ pub struct WorkerMetrics {
     pub claim_seconds: Histogram,
     pub in_flight: IntGauge,
     pub leases_extended: IntCounter,
+    pub commit_wakeups: IntCounter,
     /// Other workers' expired leases this worker's sweeps took back.
     pub requeued_expired: IntCounter,
 }
@@ -162,6 +163,11 @@ impl WorkerMetrics {
             "litework_leases_extended_total",
             "Leases this worker extended by heartbeat.",
         ));
+        let commit_wakeups = check(IntCounter::new(
+            "litework_commit_wakeups_total",
+            "Times a write to the database's log woke this idle worker (seen through \
+             inotify), rather than its polling timer.",
+        ));
         let requeued = requeued_vec();
         let requeued_expired = requeued.with_label_values(&["expired"]);
         let finished = Attempt::ALL
@@ -178,6 +184,7 @@ impl WorkerMetrics {
         check(registry.register(Box::new(claim_seconds.clone())));
         check(registry.register(Box::new(in_flight.clone())));
         check(registry.register(Box::new(leases_extended.clone())));
+        check(registry.register(Box::new(commit_wakeups.clone())));
         check(registry.register(Box::new(requeued)));
         WorkerMetrics {
             registry,
@@ -187,6 +194,7 @@ impl WorkerMetrics {
             claim_seconds,
             in_flight,
             leases_extended,
+            commit_wakeups,
             requeued_expired,
         }
     }

@@ -19,12 +19,14 @@
 //! of those is reached, not once per item.
 //!
 //! When nothing is ready the thread does not take the write lock to find
-//! out: it polls `PRAGMA data_version` (which changes only when another
-//! connection commits) with a backoff of up to `idle_poll`, and wakes at
-//! the `run_after` of the earliest delayed item. Its own commits do not
-//! move `data_version`, so when it puts an item back itself it keeps
-//! track: a retry moves that wake-up time earlier, a release (ready at
-//! once) makes it claim again straight away.
+//! out: it reads `PRAGMA data_version` (which changes only when another
+//! connection commits) when a [`CommitWatch`] says another process wrote
+//! to the log, and wakes at the `run_after` of the earliest delayed item.
+//! After each wake-up it checks again from 1 ms on, backing off to
+//! [`WATCHED_POLL`]; without a watch it backs off to `idle_poll` only.
+//! Its own commits do not move `data_version`, so when it puts an item
+//! back itself it keeps track: a retry moves that wake-up time earlier, a
+//! release (ready at once) makes it claim again straight away.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -40,6 +42,7 @@ use crate::error::{Error, Result};
 use crate::histogram::Histogram;
 use crate::metrics::{Attempt, WorkerMetrics};
 use crate::queue::running::RunningSlots;
+use crate::queue::watch::CommitWatch;
 use crate::queue::{
     now_ms, Backoff, Completion, FailureKind, Job, Queue, Recorded, Session, Turn, WorkerInfo,
 };
@@ -177,8 +180,13 @@ pub struct WorkerConfig {
     /// before they are stopped and released.
     pub drain_timeout: Duration,
     pub backoff: Backoff,
-    /// Longest pause between checks for new work when idle.
+    /// Longest pause between checks for new work when idle and commits
+    /// cannot be watched; with a watch, the longer of this and
+    /// [`WATCHED_POLL`].
     pub idle_poll: Duration,
+    /// Watch the database's log for other processes' commits (inotify), so
+    /// an idle worker need not poll often; see [`CommitWatch`].
+    pub watch_commits: bool,
     /// How often to requeue expired leases of other workers.
     pub sweep_interval: Duration,
     /// Where this worker's `/metrics` is served, recorded in the `workers`
@@ -197,6 +205,7 @@ impl Default for WorkerConfig {
             drain_timeout: Duration::from_secs(30),
             backoff: Backoff::default(),
             idle_poll: Duration::from_millis(4),
+            watch_commits: true,
             sweep_interval: Duration::from_secs(10),
             metrics_addr: None,
         }
@@ -407,6 +416,23 @@ impl Worker {
             .collect::<std::io::Result<_>>()
             .map_err(|e| Error::Config(format!("cannot start executor threads: {e}")))?;
 
+        let watch = if self.config.watch_commits {
+            match CommitWatch::start(self.queue.path()) {
+                Ok(w) => Some(w),
+                Err(error) => {
+                    warn!(
+                        worker = %self.id, %error,
+                        "cannot watch the database for commits; polling for new items instead"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let commits = watch
+            .as_ref()
+            .map_or_else(crossbeam_channel::never, |w| w.events().clone());
         let mut state = Loop {
             cfg: &self.config,
             metrics: &self.metrics,
@@ -434,6 +460,9 @@ impl Worker {
             last_hand_back: Instant::now(),
             idle: None,
             poll: MIN_POLL,
+            watch,
+            commits,
+            watching: false,
             last_heartbeat: Instant::now(),
             last_sweep: None,
             trouble: None,
@@ -467,6 +496,12 @@ impl Worker {
 }
 
 const MIN_POLL: Duration = Duration::from_millis(1);
+/// The first pause between checks after the commit watch fired: the
+/// commit is published a few microseconds after the write that fired it.
+const AFTER_COMMIT_POLL: Duration = Duration::from_micros(100);
+/// With a [`CommitWatch`] armed, the longest pause between idle checks:
+/// a safety net for file systems that report no writes.
+pub const WATCHED_POLL: Duration = Duration::from_secs(1);
 /// After cancelling everything at shutdown, how long to wait for handlers
 /// that ignore their [`Cancel`] before releasing their items anyway.
 const ABANDON_AFTER: Duration = Duration::from_secs(5);
@@ -555,6 +590,11 @@ struct Loop<'a> {
     /// Set when a claim found less than it asked for.
     idle: Option<Idle>,
     poll: Duration,
+    watch: Option<CommitWatch>,
+    /// The watch's messages, or `never` without one.
+    commits: Receiver<()>,
+    /// Whether the watch was armed when idleness was last checked.
+    watching: bool,
     last_heartbeat: Instant,
     last_sweep: Option<Instant>,
     /// A transient database error being waited out.
@@ -739,7 +779,23 @@ impl Loop<'_> {
         let Some(seen) = idle.data_version else {
             return Ok(true);
         };
+        self.arm();
         Ok(self.session.data_version()? != seen)
+    }
+
+    /// Arms the commit watch (before `data_version` is read, so a commit
+    /// in between is not missed), remembering whether that worked.
+    fn arm(&mut self) {
+        self.watching = match &self.watch {
+            Some(w) => match w.arm() {
+                Ok(()) => true,
+                Err(error) => {
+                    debug!(worker = %self.id, %error, "cannot arm the commit watch; polling");
+                    false
+                }
+            },
+            None => false,
+        };
     }
 
     fn turn(&mut self, want: usize, beat: bool) -> Result<()> {
@@ -810,9 +866,11 @@ impl Loop<'_> {
             self.dispatch(job);
         }
         if short {
-            // `data_version` first: a commit landing between the two reads
-            // shows up in `next_ready_at`, so it cannot be missed. A failed
-            // read only means the next check claims to find out.
+            // The watch, then `data_version`, then `next_ready_at`: a
+            // commit landing between two of these shows up in the later
+            // one, so it cannot be missed. A failed read only means the
+            // next check claims to find out.
+            self.arm();
             let data_version = self.session.data_version().ok();
             let next_ready_at = match data_version {
                 Some(_) => self.session.next_ready_at().ok().flatten(),
@@ -1143,11 +1201,17 @@ impl Loop<'_> {
                 consider(now);
             }
             if self.idle.is_some() && may_claim {
-                // Idle: check again soon, backing off to `idle_poll`,
-                // jittered so idle workers do not poll in lockstep.
+                // Idle: check again soon, backing off to `idle_poll` (or,
+                // with the watch armed, to `WATCHED_POLL`: a commit wakes
+                // us anyway), jittered so idle workers do not poll in
+                // lockstep.
                 let jittered = self.poll.mul_f64(0.5 + fastrand::f64() / 2.0);
                 consider(now + jittered);
-                self.poll = (self.poll * 2).min(self.cfg.idle_poll.max(MIN_POLL));
+                let mut cap = self.cfg.idle_poll.max(MIN_POLL);
+                if self.watching {
+                    cap = cap.max(WATCHED_POLL);
+                }
+                self.poll = (self.poll * 2).min(cap);
                 if let Some(at) = self.idle.as_ref().and_then(|i| i.next_ready_at) {
                     let ms = u64::try_from((at - now_ms()).max(0)).unwrap_or(0);
                     consider(now + Duration::from_millis(ms));
@@ -1157,6 +1221,22 @@ impl Loop<'_> {
         let timeout = until.saturating_duration_since(now);
         select! {
             recv(self.wake) -> _ => self.collect(),
+            recv(self.commits) -> msg => {
+                match msg {
+                    // The commit that fired the watch is likely not
+                    // visible yet: check now, and again soon after.
+                    Ok(()) => {
+                        self.poll = AFTER_COMMIT_POLL;
+                        self.metrics.commit_wakeups.inc();
+                    }
+                    Err(_) => {
+                        warn!(worker = %self.id, "the commit watch stopped; polling for new items");
+                        self.commits = crossbeam_channel::never();
+                        self.watch = None;
+                        self.watching = false;
+                    }
+                }
+            }
             recv(self.stop) -> msg => {
                 match msg {
                     Ok(()) => self.begin_stop(),

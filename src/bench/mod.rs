@@ -11,7 +11,8 @@
 //!    (group commit, K executors each) over M items added by a real
 //!    `litework add`;
 //! 4. with `--pickup`, the delay from the commit of an item added to an
-//!    idle queue to the start of its run;
+//!    idle queue to the start of its run, and the CPU the idle workers use
+//!    before it: once with the commit watch, once polling only;
 //! 5. with `--status-at`, `status` and a metrics scrape on a large queue.
 //!
 //! Every run over items ends with a check: every item done (or failed, for
@@ -40,6 +41,45 @@ use worker::WorkerOutput;
 
 /// How long any one phase may take before the bench gives up on it.
 const PHASE_DEADLINE: Duration = Duration::from_secs(600);
+/// How long idle workers settle before their CPU is measured, and for how
+/// long it is measured.
+const IDLE_SETTLE: Duration = Duration::from_secs(1);
+const IDLE_WINDOW: Duration = Duration::from_secs(3);
+
+/// What the bench workers of a phase do.
+#[derive(Clone, Copy)]
+enum Role {
+    /// The plain pattern.
+    Seed,
+    Litework,
+    /// Time items from their commit to their start, following the queue.
+    Pickup {
+        poll_only: bool,
+    },
+}
+
+/// CPU time used so far by the processes `pids`, all their threads
+/// included (Linux: from `/proc/<pid>/task/*/schedstat`, in nanoseconds).
+fn cpu_ns(pids: &[u32]) -> anyhow::Result<u64> {
+    let mut total = 0u64;
+    for pid in pids {
+        let tasks = format!("/proc/{pid}/task");
+        for task in std::fs::read_dir(&tasks).with_context(|| tasks.clone())? {
+            let path = task?.path().join("schedstat");
+            // A thread that ended between the listing and the read used
+            // nothing more.
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let ns = text
+                .split_whitespace()
+                .next()
+                .and_then(|f| f.parse::<u64>().ok());
+            total += ns.with_context(|| format!("{}: {text:?}", path.display()))?;
+        }
+    }
+    Ok(total)
+}
 
 #[derive(Debug, serde::Serialize)]
 struct Machine {
@@ -96,10 +136,16 @@ struct RunReport {
 
 #[derive(Debug, serde::Serialize)]
 struct Pickup {
+    /// `"watch"` (the default) or `"poll"` (`--poll-only` workers).
+    finds_items_by: &'static str,
     items: usize,
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// CPU the workers used while the queue was empty, in cores per worker.
+    idle_cores_per_worker: f64,
+    /// Wake-ups by the commit watch, all workers together.
+    commit_wakeups: u64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -124,6 +170,7 @@ struct Report {
     speedup_vs_seed: Option<f64>,
     share_of_raw: f64,
     pickup: Option<Pickup>,
+    pickup_polling: Option<Pickup>,
     status_at: Option<StatusAt>,
     passed: bool,
 }
@@ -361,12 +408,15 @@ fn load(
     let litework = fleet.run(&dir.join("litework.db"), &input, items, false)?;
     let _ = std::fs::remove_file(&input);
 
-    let pickup = match args.pickup {
+    let (pickup, pickup_polling) = match args.pickup {
         Some(n) if n > 0 && extras => {
-            eprintln!("bench: pickup latency, {n} items one at a time");
-            Some(fleet.pickup(&dir.join("pickup.db"), n)?)
+            eprintln!("bench: idle cost and pickup latency, {n} items one at a time");
+            (
+                Some(fleet.pickup(&dir.join("pickup.db"), n, false)?),
+                Some(fleet.pickup(&dir.join("pickup-polling.db"), n, true)?),
+            )
         }
-        _ => None,
+        _ => (None, None),
     };
     let status_at = match args.status_at {
         Some(n) if n > 0 && extras => {
@@ -401,6 +451,7 @@ fn load(
         seed,
         litework,
         pickup,
+        pickup_polling,
         status_at,
         passed,
     })
@@ -517,7 +568,7 @@ impl Drop for Running {
 
 impl Fleet<'_> {
     /// Starts the workers and waits until every one has its queue open.
-    fn start(&self, db: &Path, seed: bool, pickup: bool) -> anyhow::Result<Vec<Running>> {
+    fn start(&self, db: &Path, role: Role) -> anyhow::Result<Vec<Running>> {
         let mut all = Vec::with_capacity(self.workers);
         for _ in 0..self.workers {
             let mut cmd = Command::new(self.exe);
@@ -527,11 +578,17 @@ impl Fleet<'_> {
             cmd.arg("--db").arg(db).args(["-q", "bench-worker"]);
             cmd.arg("--concurrency").arg(self.concurrency.to_string());
             cmd.arg("--work").arg(self.work.to_string());
-            if seed {
-                cmd.arg("--seed");
-            }
-            if pickup {
-                cmd.arg("--pickup");
+            match role {
+                Role::Seed => {
+                    cmd.arg("--seed");
+                }
+                Role::Litework => {}
+                Role::Pickup { poll_only } => {
+                    cmd.arg("--pickup");
+                    if poll_only {
+                        cmd.arg("--poll-only");
+                    }
+                }
             }
             if !self.command.is_empty() {
                 cmd.arg("--").args(self.command);
@@ -582,7 +639,8 @@ impl Fleet<'_> {
     /// Adds `items` to a fresh queue and runs it to the end.
     fn run(&self, db: &Path, input: &Path, items: usize, seed: bool) -> anyhow::Result<RunReport> {
         let (enqueue_took, enqueue_rss) = enqueue(self.exe, db, input, self.durable)?;
-        let mut all = self.start(db, seed, false)?;
+        let role = if seed { Role::Seed } else { Role::Litework };
+        let mut all = self.start(db, role)?;
         let started = Instant::now();
         Fleet::go(&mut all)?;
         let outputs = Fleet::reports(&mut all)?;
@@ -619,9 +677,10 @@ impl Fleet<'_> {
         })
     }
 
-    /// Adds `n` items one at a time, a few milliseconds apart, to a queue
-    /// whose workers are idle, and reports how long each waited to start.
-    fn pickup(&self, db: &Path, n: usize) -> anyhow::Result<Pickup> {
+    /// Measures the CPU the workers use on an empty queue, then adds `n`
+    /// items one at a time, a few milliseconds apart, and reports how long
+    /// each waited to start.
+    fn pickup(&self, db: &Path, n: usize, poll_only: bool) -> anyhow::Result<Pickup> {
         let queue = Queue::open_with(
             db,
             &queue::Options {
@@ -630,8 +689,16 @@ impl Fleet<'_> {
                 ..queue::Options::default()
             },
         )?;
-        let mut all = self.start(db, false, true)?;
+        let mut all = self.start(db, Role::Pickup { poll_only })?;
         Fleet::go(&mut all)?;
+        // Past the first checks of an empty queue, into steady idleness.
+        std::thread::sleep(IDLE_SETTLE);
+        let pids: Vec<u32> = all.iter().map(|w| w.child.id()).collect();
+        let before = cpu_ns(&pids)?;
+        let idle_from = Instant::now();
+        std::thread::sleep(IDLE_WINDOW);
+        let idle_ns = cpu_ns(&pids)?.saturating_sub(before);
+        let idle_cores = idle_ns as f64 / 1e9 / idle_from.elapsed().as_secs_f64();
         let mut session = queue.session()?;
         for _ in 0..n {
             // Long enough apart for the workers to go idle between items.
@@ -650,11 +717,16 @@ impl Fleet<'_> {
             w.stdin = None;
         }
         let mut pickup = Snapshot::default();
+        let mut commit_wakeups = 0;
         for o in Fleet::reports(&mut all)? {
             pickup.merge(&o.pickup);
+            commit_wakeups += o.commit_wakeups;
         }
         let ms = |q: Option<Duration>| q.map_or(0.0, |d| d.as_secs_f64() * 1e3);
         Ok(Pickup {
+            finds_items_by: if poll_only { "poll" } else { "watch" },
+            idle_cores_per_worker: idle_cores / self.workers.max(1) as f64,
+            commit_wakeups,
             items: n,
             p50_ms: ms(pickup.quantile(0.5)),
             p99_ms: ms(pickup.quantile(0.99)),
@@ -839,10 +911,20 @@ fn print_report(r: &Report) {
         c.attempts,
         if c.counts_agree { "agree" } else { "DISAGREE" },
     );
-    if let Some(p) = &r.pickup {
+    for p in [&r.pickup, &r.pickup_polling].into_iter().flatten() {
+        let how = if p.finds_items_by == "watch" {
+            "commit watch"
+        } else {
+            "polling only"
+        };
         println!(
-            "  pickup: {} items into an idle queue: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-            p.items, p.p50_ms, p.p99_ms, p.max_ms
+            "  idle workers ({how}): {:.2}% of a core each; then {} items into the idle \
+             queue: pickup p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            p.idle_cores_per_worker * 100.0,
+            p.items,
+            p.p50_ms,
+            p.p99_ms,
+            p.max_ms
         );
     }
     if let Some(s) = &r.status_at {

@@ -44,6 +44,8 @@ pub struct WorkerOutput {
     pub rss_start_kb: u64,
     pub rss_end_kb: u64,
     pub rss_peak_kb: u64,
+    /// Wake-ups by the commit watch.
+    pub commit_wakeups: u64,
 }
 
 struct BenchHandler {
@@ -165,6 +167,7 @@ pub fn bench_worker(
             id: Some(id),
             concurrency: args.concurrency.max(1),
             follow: args.pickup,
+            watch_commits: !args.poll_only,
             backoff,
             ..WorkerConfig::default()
         };
@@ -173,7 +176,9 @@ pub fn bench_worker(
             shared.handle(job, cancel)
         });
         let claims = worker.claim_latency();
+        let metrics = worker.metrics();
         let report = worker.run(stop)?;
+        out.commit_wakeups = metrics.commit_wakeups.get();
         out.done = report.done;
         out.retried = report.retried;
         out.failed = report.failed;

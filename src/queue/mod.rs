@@ -14,6 +14,7 @@ pub mod busy;
 pub mod running;
 pub mod schema;
 mod sql;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;

@@ -126,6 +126,15 @@ fn a_command_per_item_and_pickup_latency_are_measured() {
     let p99 = r["pickup"]["p99_ms"].as_f64().unwrap_or(-1.0);
     assert!(p99 > 0.0, "{r}");
     assert_eq!(n(&r, "/pickup/items"), 20);
+    // Side by side: the default finds items through the commit watch,
+    // `--poll-only` workers by polling alone, and their idle CPU is read.
+    assert_eq!(r["pickup"]["finds_items_by"], "watch", "{r}");
+    assert!(n(&r, "/pickup/commit_wakeups") > 0, "{r}");
+    assert_eq!(r["pickup_polling"]["finds_items_by"], "poll", "{r}");
+    assert_eq!(n(&r, "/pickup_polling/commit_wakeups"), 0, "{r}");
+    assert_eq!(n(&r, "/pickup_polling/items"), 20);
+    let idle = r["pickup_polling"]["idle_cores_per_worker"].as_f64();
+    assert!(idle.is_some_and(|c| c > 0.0), "{r}");
 }
 
 #[test]

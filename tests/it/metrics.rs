@@ -1,5 +1,6 @@
-//! The metrics endpoints without Prometheus: what a worker serves, and a
-//! busy metrics port refused before any work starts.
+//! The metrics endpoints without Prometheus: what a worker serves, a busy
+//! metrics port refused before any work starts, and what the metrics show
+//! of how an idle worker learns of new items.
 
 use crate::util::{http_get as get, supervisor_addr, wait_until, Sandbox, DEADLINE};
 
@@ -107,6 +108,79 @@ fn supervisor_discovery_lists_its_live_workers() {
     for (_, target) in &listed {
         assert_eq!(get(target, "/healthz").0, 200, "{target}");
     }
+    run.signal(libc::SIGTERM);
+    run.wait(0);
+}
+
+/// Where the one running worker serves its metrics, once it registered.
+fn worker_metrics_addr(sb: &Sandbox) -> String {
+    let mut addr = String::new();
+    wait_until("the worker registers", DEADLINE, || {
+        addr = sb
+            .conn()
+            .query_row(
+                "SELECT metrics_addr FROM workers WHERE status = 'running'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap_or_default();
+        !addr.is_empty()
+    });
+    addr
+}
+
+/// Adds one item at a time, each once the one before is done, until the
+/// worker serving `addr` says a commit woke it; returns how many it took.
+fn add_until_woken(sb: &Sandbox, addr: &str) -> i64 {
+    let wakeups = "litework_commit_wakeups_total";
+    let mut added = 0;
+    // The first item may land before the worker is idle, and be found by
+    // its first claim: a wake-up needs an item added while it waits.
+    wait_until("a commit wakes the idle worker", DEADLINE, || {
+        added += 1;
+        sb.add("lines", format!("item-{added}\n"), &[]);
+        wait_until("the item is done", DEADLINE, || sb.count("done") == added);
+        sample(&get(addr, "/metrics").1, wakeups).unwrap_or(0.0) >= 1.0
+    });
+    added
+}
+
+#[test]
+fn an_idle_worker_is_woken_by_another_process_committing() {
+    let sb = Sandbox::new();
+    sb.lw(["init"]).run_expect(0);
+    // Polls so rare they cannot be what finds the items.
+    let worker = sb
+        .lw(["worker", "--follow", "--idle-poll", "1h", "--lease", "1h"])
+        .args(["--sweep-interval", "1h", "--", "true"])
+        .spawn();
+    let addr = worker_metrics_addr(&sb);
+    let added = add_until_woken(&sb, &addr);
+    assert_eq!(sb.count("done"), added);
+    worker.signal(libc::SIGTERM);
+    worker.wait(0);
+}
+
+#[test]
+fn workers_started_with_poll_only_find_items_by_polling_alone() {
+    let sb = Sandbox::new();
+    sb.lw(["init"]).run_expect(0);
+    // Through the supervisor, which passes the flag on.
+    let run = sb
+        .lw(["run", "-w", "1", "--follow", "--poll-only"])
+        .args(["--progress", "none", "--", "true"])
+        .spawn();
+    let addr = worker_metrics_addr(&sb);
+    for n in 1..=3 {
+        sb.add("lines", format!("item-{n}\n"), &[]);
+        wait_until("the item is done", DEADLINE, || sb.count("done") == n);
+    }
+    let body = get(&addr, "/metrics").1;
+    assert_eq!(
+        sample(&body, "litework_commit_wakeups_total"),
+        Some(0.0),
+        "{body}"
+    );
     run.signal(libc::SIGTERM);
     run.wait(0);
 }
