@@ -165,8 +165,8 @@ impl WorkerMetrics {
         ));
         let commit_wakeups = check(IntCounter::new(
             "litework_commit_wakeups_total",
-            "Times a write to the database's log woke this idle worker (seen through \
-             inotify), rather than its polling timer.",
+            "Wake-ups of this idle worker by its watch on the database's log (inotify) \
+             after which it saw another process's commit.",
         ));
         let requeued = requeued_vec();
         let requeued_expired = requeued.with_label_values(&["expired"]);

@@ -18,14 +18,16 @@
 //! waited [`FLUSH_AFTER`]; executors wake the database thread only when one
 //! of those is reached, not once per item.
 //!
-//! When nothing is ready the thread does not take the write lock to find
-//! out: it reads `PRAGMA data_version` (which changes only when another
-//! connection commits) when a [`CommitWatch`] says another process wrote
-//! to the log, and wakes at the `run_after` of the earliest delayed item.
-//! After each wake-up it checks again from 1 ms on, backing off to
-//! [`WATCHED_POLL`]; without a watch it backs off to `idle_poll` only.
-//! Its own commits do not move `data_version`, so when it puts an item
-//! back itself it keeps track: a retry moves that wake-up time earlier, a
+//! When a claim comes up short the thread does not take the write lock
+//! again to find out whether more came: it notes the claim's
+//! `PRAGMA data_version` (which changes only when another connection
+//! commits) and checks it when a [`CommitWatch`] says another process
+//! wrote to the log, and on a timer backing off to [`WATCHED_POLL`]
+//! (without a watch: to `idle_poll`). Only when it moved does it look, in
+//! a read transaction, for anything ready, and claims only if there is.
+//! It also wakes at the `run_after` of the earliest delayed item. Its own
+//! commits do not move `data_version`, so when it puts an item back
+//! itself it keeps track: a retry moves that wake-up time earlier, a
 //! release (ready at once) makes it claim again straight away.
 
 use std::collections::HashMap;
@@ -463,6 +465,12 @@ impl Worker {
             watch,
             commits,
             watching: false,
+            arm_failed: false,
+            woken: false,
+            prompted: false,
+            last_check: Instant::now(),
+            gap: AFTER_COMMIT_POLL,
+            recheck: false,
             last_heartbeat: Instant::now(),
             last_sweep: None,
             trouble: None,
@@ -593,8 +601,21 @@ struct Loop<'a> {
     watch: Option<CommitWatch>,
     /// The watch's messages, or `never` without one.
     commits: Receiver<()>,
-    /// Whether the watch was armed when idleness was last checked.
+    /// Whether the watch could be armed when idleness was last checked.
     watching: bool,
+    /// Arming failed last time (logged once until it works again).
+    arm_failed: bool,
+    /// The watch fired since a check last saw `data_version` move.
+    woken: bool,
+    /// The watch fired since the last check.
+    prompted: bool,
+    /// When idleness was last checked, and how long after that a fired
+    /// watch waits before the next check.
+    last_check: Instant,
+    gap: Duration,
+    /// Check idleness at once: the watch was not armed when the last claim
+    /// committed.
+    recheck: bool,
     last_heartbeat: Instant,
     last_sweep: Option<Instant>,
     /// A transient database error being waited out.
@@ -612,10 +633,9 @@ struct Trouble {
     retry_at: Instant,
 }
 
-/// What the last claim that came up short saw.
+/// What the last claim that came up short (or the last look since) saw.
 struct Idle {
-    /// `None` if it could not be read: check by claiming.
-    data_version: Option<i64>,
+    data_version: i64,
     next_ready_at: Option<i64>,
 }
 
@@ -776,26 +796,61 @@ impl Loop<'_> {
         if idle.next_ready_at.is_some_and(|at| at <= now_ms()) {
             return Ok(true);
         }
-        let Some(seen) = idle.data_version else {
-            return Ok(true);
-        };
+        let seen = idle.data_version;
+        // Armed before the read, so a commit after the read fires it.
         self.arm();
-        Ok(self.session.data_version()? != seen)
+        self.last_check = Instant::now();
+        let prompted = std::mem::take(&mut self.prompted);
+        if self.session.data_version()? == seen {
+            if prompted {
+                // Woken by a write whose commit is not visible (yet, or
+                // ever: a long transaction writing as it goes): the next
+                // wake-up waits longer.
+                self.gap = (self.gap * 2).min(self.cfg.idle_poll.max(AFTER_COMMIT_POLL));
+            }
+            return Ok(false);
+        }
+        if std::mem::take(&mut self.woken) {
+            self.metrics.commit_wakeups.inc();
+        }
+        self.gap = AFTER_COMMIT_POLL;
+        // Another connection committed: whatever it was, look before
+        // taking the write lock.
+        let seen = self.session.look()?;
+        self.idle = Some(Idle {
+            data_version: seen.data_version,
+            next_ready_at: seen.next_ready_at,
+        });
+        Ok(seen.ready || seen.next_ready_at.is_some_and(|at| at <= now_ms()))
     }
 
-    /// Arms the commit watch (before `data_version` is read, so a commit
-    /// in between is not missed), remembering whether that worked.
+    /// Arms the commit watch, remembering whether that worked. A failure
+    /// is logged once, and so is the recovery.
     fn arm(&mut self) {
-        self.watching = match &self.watch {
-            Some(w) => match w.arm() {
-                Ok(()) => true,
-                Err(error) => {
-                    debug!(worker = %self.id, %error, "cannot arm the commit watch; polling");
-                    false
-                }
-            },
-            None => false,
+        let Some(w) = &self.watch else {
+            self.watching = false;
+            return;
         };
+        match w.arm() {
+            Ok(()) if !self.watching => {
+                if self.arm_failed {
+                    info!(worker = %self.id, "watching the database for commits again");
+                }
+                self.watching = true;
+                self.arm_failed = false;
+            }
+            Ok(()) => {}
+            Err(error) => {
+                if !self.arm_failed {
+                    warn!(
+                        worker = %self.id, %error,
+                        "cannot watch the database for commits; polling for new items"
+                    );
+                }
+                self.watching = false;
+                self.arm_failed = true;
+            }
+        }
     }
 
     fn turn(&mut self, want: usize, beat: bool) -> Result<()> {
@@ -856,7 +911,6 @@ impl Loop<'_> {
                 f.cancel.cancel(CancelReason::LeaseLost);
             }
         }
-        let short = want > 0 && result.claimed.len() < want;
         if !result.claimed.is_empty() {
             self.poll = MIN_POLL;
         }
@@ -865,21 +919,14 @@ impl Loop<'_> {
         for job in result.claimed {
             self.dispatch(job);
         }
-        if short {
-            // The watch, then `data_version`, then `next_ready_at`: a
-            // commit landing between two of these shows up in the later
-            // one, so it cannot be missed. A failed read only means the
-            // next check claims to find out.
-            self.arm();
-            let data_version = self.session.data_version().ok();
-            let next_ready_at = match data_version {
-                Some(_) => self.session.next_ready_at().ok().flatten(),
-                None => None,
-            };
+        if let Some(seen) = result.short {
             self.idle = Some(Idle {
-                data_version,
-                next_ready_at,
+                data_version: seen.data_version,
+                next_ready_at: seen.next_ready_at,
             });
+            // A commit between ours and arming the watch would be missed
+            // until the next timer: check at once (that arms it first).
+            self.recheck = true;
         } else if want > 0 {
             self.idle = None;
         }
@@ -1205,11 +1252,15 @@ impl Loop<'_> {
                 // with the watch armed, to `WATCHED_POLL`: a commit wakes
                 // us anyway), jittered so idle workers do not poll in
                 // lockstep.
-                let jittered = self.poll.mul_f64(0.5 + fastrand::f64() / 2.0);
-                consider(now + jittered);
                 let mut cap = self.cfg.idle_poll.max(MIN_POLL);
                 if self.watching {
                     cap = cap.max(WATCHED_POLL);
+                }
+                self.poll = self.poll.min(cap);
+                let jittered = self.poll.mul_f64(0.5 + fastrand::f64() / 2.0);
+                consider(now + jittered);
+                if std::mem::take(&mut self.recheck) {
+                    consider(now);
                 }
                 self.poll = (self.poll * 2).min(cap);
                 if let Some(at) = self.idle.as_ref().and_then(|i| i.next_ready_at) {
@@ -1218,33 +1269,52 @@ impl Loop<'_> {
                 }
             }
         }
-        let timeout = until.saturating_duration_since(now);
-        select! {
-            recv(self.wake) -> _ => self.collect(),
-            recv(self.commits) -> msg => {
-                match msg {
-                    // The commit that fired the watch is likely not
-                    // visible yet: check now, and again soon after.
-                    Ok(()) => {
-                        self.poll = AFTER_COMMIT_POLL;
-                        self.metrics.commit_wakeups.inc();
-                    }
-                    Err(_) => {
-                        warn!(worker = %self.id, "the commit watch stopped; polling for new items");
-                        self.commits = crossbeam_channel::never();
-                        self.watch = None;
-                        self.watching = false;
+        let mut deadline = until;
+        loop {
+            let mut again = false;
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            select! {
+                recv(self.wake) -> _ => self.collect(),
+                recv(self.commits) -> msg => {
+                    match msg {
+                        // The commit that fired the watch is likely not
+                        // visible yet: check, and again soon after. But
+                        // no sooner than `gap` after the last check: a
+                        // transaction that writes as it goes fires the
+                        // watch again at every check.
+                        Ok(()) => {
+                            self.woken = true;
+                            self.prompted = true;
+                            self.poll = self.gap;
+                            let at = self.last_check + self.gap;
+                            if at > Instant::now() {
+                                deadline = deadline.min(at);
+                                again = true;
+                            }
+                        }
+                        Err(_) => {
+                            warn!(
+                                worker = %self.id,
+                                "the commit watch stopped; polling for new items"
+                            );
+                            self.commits = crossbeam_channel::never();
+                            self.watch = None;
+                            self.watching = false;
+                        }
                     }
                 }
-            }
-            recv(self.stop) -> msg => {
-                match msg {
-                    Ok(()) => self.begin_stop(),
-                    // Nobody can send a stop any more: never stop.
-                    Err(_) => self.stop = crossbeam_channel::never(),
+                recv(self.stop) -> msg => {
+                    match msg {
+                        Ok(()) => self.begin_stop(),
+                        // Nobody can send a stop any more: never stop.
+                        Err(_) => self.stop = crossbeam_channel::never(),
+                    }
                 }
+                default(timeout) => {}
             }
-            default(timeout) => {}
+            if !again {
+                break;
+            }
         }
     }
 }

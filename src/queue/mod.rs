@@ -296,6 +296,21 @@ pub struct TurnResult {
     pub lost: Vec<(i64, i64)>,
     /// Newly claimed jobs, in claim order.
     pub claimed: Vec<Job>,
+    /// When the claim came up short: what it saw, read in its transaction.
+    pub short: Option<Seen>,
+}
+
+/// What one snapshot of the queue showed an idle worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// `PRAGMA data_version` of the snapshot. It changes when another
+    /// connection commits, so an unchanged value means nothing to claim
+    /// has appeared since.
+    pub data_version: i64,
+    /// When the earliest waiting item (a retry in backoff) is due, in ms.
+    pub next_ready_at: Option<i64>,
+    /// Whether an item was ready to claim.
+    pub ready: bool,
 }
 
 /// Counts moved by a requeue.
@@ -967,6 +982,18 @@ impl Session {
                 }
                 moves.pending -= out.claimed.len() as i64;
                 moves.running += out.claimed.len() as i64;
+                if out.claimed.len() < turn.claim {
+                    // Read under the write lock, this is exactly what the
+                    // claim saw: whatever commits after it moves
+                    // `data_version` (our own commits do not).
+                    out.short = Some(Seen {
+                        data_version: tx.query_row("PRAGMA data_version", [], |r| r.get(0))?,
+                        next_ready_at: tx
+                            .prepare_cached(sql::NEXT_DUE)?
+                            .query_row([], |r| r.get(0))?,
+                        ready: false,
+                    });
+                }
             }
             moves.apply(tx, now)?;
             Ok(out)
@@ -1212,6 +1239,33 @@ impl Session {
             .prepare_cached(sql::NEXT_DUE)
             .and_then(|mut s| s.query_row([], |r| r.get(0)))
             .map_err(|e| Error::sqlite(&path, e))
+    }
+
+    /// One read transaction's view of what there is to claim: cheaper than
+    /// claiming (no write lock), for an idle worker that saw `data_version`
+    /// move.
+    pub fn look(&mut self) -> Result<Seen> {
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(|e| Error::sqlite(&path, e))?;
+        let seen = (|| {
+            // The first read fixes the snapshot the other two see.
+            let ready = tx
+                .prepare_cached(sql::ANY_READY)?
+                .query_row([], |r| r.get(0))?;
+            Ok(Seen {
+                ready,
+                next_ready_at: tx
+                    .prepare_cached(sql::NEXT_DUE)?
+                    .query_row([], |r| r.get(0))?,
+                data_version: tx.query_row("PRAGMA data_version", [], |r| r.get(0))?,
+            })
+        })()
+        .map_err(|e: rusqlite::Error| Error::sqlite(&path, e))?;
+        tx.commit().map_err(|e| Error::sqlite(&path, e))?;
+        Ok(seen)
     }
 
     /// SQLite's `data_version`: changes whenever another connection commits.

@@ -278,6 +278,10 @@ LIMIT 1";
 pub const NEXT_DUE: &str = "
 SELECT min(run_after) FROM items WHERE status = 'pending' AND run_after > 0";
 
+/// Whether any item is ready to claim: one step into `items_ready`.
+pub const ANY_READY: &str = "
+SELECT EXISTS (SELECT 1 FROM items WHERE status = 'pending' AND run_after = 0)";
+
 /// Adds to the kept counts. ?1 pending, ?2 running, ?3 done, ?4 failed.
 pub const COUNT: &str = "
 UPDATE counts

@@ -522,7 +522,13 @@ fn wait_for(mut ready: impl FnMut() -> bool) {
 #[test]
 fn promoting_and_finding_waiting_items_use_their_index() {
     let (_dir, queue) = fresh();
-    for (sql, params) in [(sql::PROMOTE, 1), (sql::NEXT_DUE, 0), (sql::HEAD, 0)] {
+    let waiting = [
+        (sql::PROMOTE, 1),
+        (sql::NEXT_DUE, 0),
+        (sql::HEAD, 0),
+        (sql::ANY_READY, 0),
+    ];
+    for (sql, params) in waiting {
         let plan = plan(&queue, sql, params);
         let text = plan.join("\n");
         assert!(
@@ -829,4 +835,36 @@ fn claims_of_different_sizes_reuse_the_compiled_statements() {
         let again = stmt.get_status(rusqlite::StatementStatus::RePrepare);
         assert_eq!(again, 0, "compiled {again} more times:{sql}");
     }
+}
+
+#[test]
+fn a_short_claim_and_a_look_say_what_they_saw_and_another_commit_moves_it() {
+    let (dir, queue) = fresh();
+    add(&queue, &["a"]);
+    let mut session = queue.session().unwrap();
+    let turn = Turn {
+        claim: 5,
+        ..Turn::default()
+    };
+    let result = session.turn("w1", LEASE, &turn).unwrap();
+    assert_eq!(result.claimed.len(), 1);
+    let seen = result.short.expect("a short claim says what it saw");
+    assert!(!seen.ready);
+    assert_eq!(seen.next_ready_at, None);
+    // Our own commit left it where the claim read it.
+    assert_eq!(session.data_version().unwrap(), seen.data_version);
+    let full = session.turn("w1", LEASE, &Turn::default()).unwrap();
+    assert_eq!(full.short, None, "no claim, nothing to say");
+
+    // Another connection adds: the version moves, and a look (no write
+    // lock) finds the item ready, at the version it read it.
+    let other = Queue::open(dir.path().join("q.db")).unwrap();
+    add(&other, &["b"]);
+    let now = session.data_version().unwrap();
+    assert_ne!(now, seen.data_version);
+    let look = session.look().unwrap();
+    assert!(look.ready);
+    assert_eq!(look.data_version, now);
+    assert_eq!(session.turn("w1", LEASE, &turn).unwrap().claimed.len(), 1);
+    assert!(!session.look().unwrap().ready);
 }

@@ -16,16 +16,20 @@
 //! - The write that fires the watch comes before the commit is visible:
 //!   SQLite publishes it in the shared-memory index right after the last
 //!   page is written, and stores into a memory map make no inotify event.
-//!   A worker woken in between sees the old `data_version`. So after every
-//!   wake-up the worker checks again 1 ms later, backing off from there.
+//!   A worker woken in between sees the old `data_version`. So after a
+//!   wake-up the worker checks again 0.1 ms later, backing off from there.
+//!   A transaction that writes pages before it commits (a large `add`)
+//!   fires the watch again at every re-arm; the worker then spaces its
+//!   checks further apart, up to its `idle_poll`.
 //! - inotify sees writes made through this kernel only. WAL mode needs
 //!   every process to share the `-shm` memory map, so all of a database's
 //!   writers are on one machine anyway; a file system that does not report
 //!   writes at all (some FUSE file systems do not) is covered by a check
 //!   at least every second.
-//! - Where a watch cannot be set (not Linux, no inotify instances or
-//!   watches left, no `-wal` file yet) the worker polls as it would without
-//!   one.
+//! - Where a watch cannot be set (not Linux, the per-user limits
+//!   `fs.inotify.max_user_instances` or `max_user_watches` reached, no
+//!   `-wal` file) the worker polls as it would without one. Each worker
+//!   uses one instance and one watch.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -86,7 +90,7 @@ mod imp {
     use std::path::PathBuf;
     use std::thread::JoinHandle;
 
-    use crossbeam_channel::Sender;
+    use crossbeam_channel::{Sender, TrySendError};
 
     pub struct Watch {
         inotify: OwnedFd,
@@ -121,7 +125,8 @@ mod imp {
                         io::Error::new(e.kind(), format!("inotify: {e}{hint}"))
                     })?;
             // SAFETY: as above.
-            let stop = owned(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+            let stop = owned(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })
+                .map_err(|e| io::Error::new(e.kind(), format!("eventfd: {e}")))?;
             let (fd, stop_fd) = (inotify.as_raw_fd(), stop.as_raw_fd());
             let thread = std::thread::Builder::new()
                 .name("litework-watch".into())
@@ -211,8 +216,8 @@ mod imp {
                 break;
             }
             // Full means a message is already waiting: one is enough.
-            if got && tx.try_send(()).is_err() && tx.is_empty() {
-                return; // The receiver is gone.
+            if got && matches!(tx.try_send(()), Err(TrySendError::Disconnected(()))) {
+                return;
             }
         }
     }

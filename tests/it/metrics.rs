@@ -130,17 +130,19 @@ fn worker_metrics_addr(sb: &Sandbox) -> String {
 }
 
 /// Adds one item at a time, each once the one before is done, until the
-/// worker serving `addr` says a commit woke it; returns how many it took.
-fn add_until_woken(sb: &Sandbox, addr: &str) -> i64 {
+/// worker serving `addr` counts two wake-ups by the commit watch that led
+/// it to a new commit; returns how many items that took.
+fn add_until_woken_twice(sb: &Sandbox, addr: &str) -> i64 {
     let wakeups = "litework_commit_wakeups_total";
     let mut added = 0;
-    // The first item may land before the worker is idle, and be found by
-    // its first claim: a wake-up needs an item added while it waits.
-    wait_until("a commit wakes the idle worker", DEADLINE, || {
+    // An item may land before the worker is idle and be found by its
+    // claim; only items added while it waits wake it. Two wake-ups show
+    // that it armed the watch again after the first.
+    wait_until("commits wake the idle worker twice", DEADLINE, || {
         added += 1;
         sb.add("lines", format!("item-{added}\n"), &[]);
         wait_until("the item is done", DEADLINE, || sb.count("done") == added);
-        sample(&get(addr, "/metrics").1, wakeups).unwrap_or(0.0) >= 1.0
+        sample(&get(addr, "/metrics").1, wakeups).unwrap_or(0.0) >= 2.0
     });
     added
 }
@@ -155,7 +157,7 @@ fn an_idle_worker_is_woken_by_another_process_committing() {
         .args(["--sweep-interval", "1h", "--", "true"])
         .spawn();
     let addr = worker_metrics_addr(&sb);
-    let added = add_until_woken(&sb, &addr);
+    let added = add_until_woken_twice(&sb, &addr);
     assert_eq!(sb.count("done"), added);
     worker.signal(libc::SIGTERM);
     worker.wait(0);
