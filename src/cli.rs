@@ -39,6 +39,12 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub allow_network_fs: bool,
 
+    /// How long one statement waits for another process to let go of the
+    /// write lock. Past it a command fails with an error saying so; a
+    /// worker keeps its outcomes and tries again with backoff.
+    #[arg(long, global = true, value_parser = nonzero_duration, default_value = "60s")]
+    pub busy_timeout: Duration,
+
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = ArgAction::Count)]
     pub verbose: u8,
@@ -188,7 +194,7 @@ pub struct WorkerArgs {
 
     /// Longest pause between checks for new items when idle and commits
     /// cannot be watched (a check is one read of `PRAGMA data_version`, no
-    /// lock). While the database's log is watched, the longer of this and
+    /// write lock). While the database's log is watched, the longer of this and
     /// 1s.
     #[arg(long, value_parser = duration, default_value = "4ms")]
     pub idle_poll: Duration,
@@ -546,6 +552,13 @@ pub struct ExportArgs {
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m, 1h)"))
+}
+
+fn nonzero_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err("must be more than zero".into()),
+        d => Ok(d),
+    }
 }
 
 /// A byte count: digits with an optional K, M or G (powers of 1024).

@@ -33,6 +33,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         create,
         durable: cli.durable,
         allow_network_fs: cli.allow_network_fs,
+        busy_timeout: cli.busy_timeout,
         ..queue::Options::default()
     };
     let open = |create: bool| Queue::open_with(&cli.db, &opts(create));
@@ -66,7 +67,13 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Retry(args) => retry(open(false)?, args),
         Command::RequeueStale(args) => requeue(open(false)?, args),
         Command::Export(args) => export(open(false)?, args),
-        Command::Bench(args) => crate::bench::bench(args, cli.durable),
+        Command::Bench(args) => {
+            let flags = crate::bench::DbFlags {
+                durable: cli.durable,
+                busy_timeout: cli.busy_timeout,
+            };
+            crate::bench::bench(args, flags)
+        }
         Command::BenchWorker(args) => crate::bench::bench_worker(&cli.db, &opts(false), args),
         Command::KeepGroups {
             worker_id,
@@ -176,6 +183,12 @@ fn global_args(cli: &Cli) -> Vec<OsString> {
     if cli.allow_network_fs {
         a.push("--allow-network-fs".into());
     }
+    a.push("--busy-timeout".into());
+    a.push(
+        humantime::format_duration(cli.busy_timeout)
+            .to_string()
+            .into(),
+    );
     if cli.quiet {
         a.push("--quiet".into());
     }

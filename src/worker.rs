@@ -22,8 +22,8 @@
 //! again to find out whether more came: it notes the claim's
 //! `PRAGMA data_version` (which changes only when another connection
 //! commits) and checks it when a [`CommitWatch`] says another process
-//! wrote to the log, and on a timer backing off to [`WATCHED_POLL`]
-//! (without a watch: to `idle_poll`). Only when it moved does it look, in
+//! wrote to the log, and on a timer backing off to [`WATCHED_POLL`] or
+//! `idle_poll`, whichever is longer (without a watch: to `idle_poll`). Only when it moved does it look, in
 //! a read transaction, for anything ready, and claims only if there is.
 //! It also wakes at the `run_after` of the earliest delayed item. Its own
 //! commits do not move `data_version`, so when it puts an item back
@@ -466,7 +466,7 @@ impl Worker {
             commits,
             watching: false,
             arm_failed: false,
-            woken: false,
+            woken: None,
             prompted: false,
             last_check: Instant::now(),
             gap: AFTER_COMMIT_POLL,
@@ -510,6 +510,14 @@ const AFTER_COMMIT_POLL: Duration = Duration::from_micros(100);
 /// With a [`CommitWatch`] armed, the longest pause between idle checks:
 /// a safety net for file systems that report no writes.
 pub const WATCHED_POLL: Duration = Duration::from_secs(1);
+/// A watch that fires this long after the last check starts a new burst:
+/// the pause before checking goes back to [`AFTER_COMMIT_POLL`]. Inside a
+/// burst (a transaction that writes as it goes fires the watch again at
+/// every check) the pause doubles up to `idle_poll`.
+const QUIET: Duration = Duration::from_millis(50);
+/// A check that sees another commit within this long of the watch firing
+/// counts as a wake-up by the watch in `litework_commit_wakeups_total`.
+const WOKEN_FOR: Duration = Duration::from_secs(1);
 /// After cancelling everything at shutdown, how long to wait for handlers
 /// that ignore their [`Cancel`] before releasing their items anyway.
 const ABANDON_AFTER: Duration = Duration::from_secs(5);
@@ -605,8 +613,9 @@ struct Loop<'a> {
     watching: bool,
     /// Arming failed last time (logged once until it works again).
     arm_failed: bool,
-    /// The watch fired since a check last saw `data_version` move.
-    woken: bool,
+    /// When the watch last fired, if no check has seen `data_version` move
+    /// since.
+    woken: Option<Instant>,
     /// The watch fired since the last check.
     prompted: bool,
     /// When idleness was last checked, and how long after that a fired
@@ -667,7 +676,10 @@ impl Loop<'_> {
                     || self
                         .finished_since
                         .is_some_and(|t| t.elapsed() >= FLUSH_AFTER));
-            let beat = self.last_heartbeat.elapsed() >= self.cfg.lease / 3;
+            // A try is due after a failure: with nothing else to write, a
+            // heartbeat tells whether the database came back.
+            let beat =
+                self.last_heartbeat.elapsed() >= self.cfg.lease / 3 || self.trouble.is_some();
             let may_write = self
                 .trouble
                 .as_ref()
@@ -789,6 +801,8 @@ impl Loop<'_> {
     }
 
     /// Whether a claim might find something, without taking the write lock.
+    /// A transient read error counts as trouble, and the claim is tried
+    /// once it has been waited out.
     fn maybe_ready(&mut self) -> Result<bool> {
         let Some(idle) = &self.idle else {
             return Ok(true);
@@ -801,27 +815,51 @@ impl Loop<'_> {
         self.arm();
         self.last_check = Instant::now();
         let prompted = std::mem::take(&mut self.prompted);
-        if self.session.data_version()? == seen {
+        let now_at = match self.session.data_version() {
+            Ok(v) => v,
+            Err(e) => return self.unsure(e),
+        };
+        if now_at == seen {
             if prompted {
                 // Woken by a write whose commit is not visible (yet, or
                 // ever: a long transaction writing as it goes): the next
-                // wake-up waits longer.
+                // wake-up in this burst waits longer.
                 self.gap = (self.gap * 2).min(self.cfg.idle_poll.max(AFTER_COMMIT_POLL));
             }
             return Ok(false);
         }
-        if std::mem::take(&mut self.woken) {
+        if self.woken.take().is_some_and(|at| at.elapsed() < WOKEN_FOR) {
             self.metrics.commit_wakeups.inc();
         }
         self.gap = AFTER_COMMIT_POLL;
         // Another connection committed: whatever it was, look before
         // taking the write lock.
-        let seen = self.session.look()?;
+        let seen = match self.session.look() {
+            Ok(seen) => seen,
+            Err(e) => return self.unsure(e),
+        };
+        if seen.ready || seen.next_ready_at.is_some_and(|at| at <= now_ms()) {
+            // Not idle until a claim says so: should this claim not happen
+            // (writes failing), the next round tries again.
+            self.idle = None;
+            return Ok(true);
+        }
         self.idle = Some(Idle {
             data_version: seen.data_version,
             next_ready_at: seen.next_ready_at,
         });
-        Ok(seen.ready || seen.next_ready_at.is_some_and(|at| at <= now_ms()))
+        Ok(false)
+    }
+
+    /// A read for [`Self::maybe_ready`] failed: a transient error is waited
+    /// out like a failed write, then the claim decides.
+    fn unsure(&mut self, e: Error) -> Result<bool> {
+        if !e.is_transient() {
+            return Err(e);
+        }
+        self.troubled(&e);
+        self.idle = None;
+        Ok(true)
     }
 
     /// Arms the commit watch, remembering whether that worked. A failure
@@ -1174,7 +1212,7 @@ impl Loop<'_> {
         if t.failures == 1 || t.logged.elapsed() >= Duration::from_secs(60) {
             t.logged = now;
             let failures = t.failures;
-            warn!(worker = %self.id, error = %e, failures, "database write failed; will retry");
+            warn!(worker = %self.id, error = %e, failures, "database busy or full; will retry");
         }
     }
 
@@ -1283,7 +1321,13 @@ impl Loop<'_> {
                         // transaction that writes as it goes fires the
                         // watch again at every check.
                         Ok(()) => {
-                            self.woken = true;
+                            // Long after the last check: a new burst of
+                            // writes (or one of our own commits), not
+                            // the same slow transaction.
+                            if self.last_check.elapsed() >= QUIET {
+                                self.gap = AFTER_COMMIT_POLL;
+                            }
+                            self.woken = Some(Instant::now());
                             self.prompted = true;
                             self.poll = self.gap;
                             let at = self.last_check + self.gap;

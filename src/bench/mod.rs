@@ -175,7 +175,25 @@ struct Report {
     passed: bool,
 }
 
-pub fn bench(args: BenchArgs, durable: bool) -> anyhow::Result<ExitCode> {
+/// The global options that every process of a bench opens its database
+/// with.
+#[derive(Debug, Clone, Copy)]
+pub struct DbFlags {
+    pub durable: bool,
+    pub busy_timeout: Duration,
+}
+
+impl DbFlags {
+    fn pass_to(self, cmd: &mut Command) {
+        if self.durable {
+            cmd.arg("--durable");
+        }
+        let timeout = humantime::format_duration(self.busy_timeout).to_string();
+        cmd.args(["--busy-timeout", &timeout]);
+    }
+}
+
+pub fn bench(args: BenchArgs, flags: DbFlags) -> anyhow::Result<ExitCode> {
     if args.chaos {
         return chaos::bench(args);
     }
@@ -190,7 +208,7 @@ pub fn bench(args: BenchArgs, durable: bool) -> anyhow::Result<ExitCode> {
     }
     let items = args.items.unwrap_or(200_000);
     let (dir, temporary) = bench_dir(args.dir.as_deref(), "bench")?;
-    let result = repeat(&exe, &dir, &args, items, concurrency, durable);
+    let result = repeat(&exe, &dir, &args, items, concurrency, flags);
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -234,7 +252,7 @@ fn repeat(
     args: &BenchArgs,
     items: usize,
     concurrency: usize,
-    durable: bool,
+    flags: DbFlags,
 ) -> anyhow::Result<Vec<Report>> {
     let runs = args.runs.max(1);
     let mut reports = Vec::new();
@@ -250,7 +268,7 @@ fn repeat(
             eprintln!("bench: run {run} of {runs}");
         }
         let extras = run == 1;
-        reports.push(load(exe, &here, args, items, concurrency, durable, extras)?);
+        reports.push(load(exe, &here, args, items, concurrency, flags, extras)?);
     }
     Ok(reports)
 }
@@ -382,19 +400,19 @@ fn load(
     args: &BenchArgs,
     items: usize,
     concurrency: usize,
-    durable: bool,
+    flags: DbFlags,
     extras: bool,
 ) -> anyhow::Result<Report> {
     let fleet = Fleet {
         exe,
-        durable,
+        flags,
         workers: args.workers,
         concurrency,
         work: args.work,
         command: &args.command,
     };
     eprintln!("bench: raw SQLite 100-row update transactions for 1 s");
-    let raw = raw_updates(&dir.join("raw.db"), durable)?;
+    let raw = raw_updates(&dir.join("raw.db"), flags.durable)?;
 
     let input = dir.join("items.txt");
     write_items(&input, items as u64)?;
@@ -421,7 +439,7 @@ fn load(
     let status_at = match args.status_at {
         Some(n) if n > 0 && extras => {
             eprintln!("bench: status and scrape at {n} items");
-            Some(status_at(exe, dir, n, durable)?)
+            Some(status_at(exe, dir, n, flags)?)
         }
         _ => None,
     };
@@ -520,11 +538,9 @@ fn timed(mut cmd: Command) -> anyhow::Result<(Duration, u64)> {
 }
 
 /// `litework add` of a file of numbers into a new queue.
-fn enqueue(exe: &Path, db: &Path, input: &Path, durable: bool) -> anyhow::Result<(Duration, u64)> {
+fn enqueue(exe: &Path, db: &Path, input: &Path, flags: DbFlags) -> anyhow::Result<(Duration, u64)> {
     let mut cmd = Command::new(exe);
-    if durable {
-        cmd.arg("--durable");
-    }
+    flags.pass_to(&mut cmd);
     cmd.arg("--db").arg(db).args(["-q", "add"]).arg(input);
     timed(cmd)
 }
@@ -532,7 +548,7 @@ fn enqueue(exe: &Path, db: &Path, input: &Path, durable: bool) -> anyhow::Result
 /// The worker processes of one phase.
 struct Fleet<'a> {
     exe: &'a Path,
-    durable: bool,
+    flags: DbFlags,
     workers: usize,
     concurrency: usize,
     work: WorkKind,
@@ -572,9 +588,7 @@ impl Fleet<'_> {
         let mut all = Vec::with_capacity(self.workers);
         for _ in 0..self.workers {
             let mut cmd = Command::new(self.exe);
-            if self.durable {
-                cmd.arg("--durable");
-            }
+            self.flags.pass_to(&mut cmd);
             cmd.arg("--db").arg(db).args(["-q", "bench-worker"]);
             cmd.arg("--concurrency").arg(self.concurrency.to_string());
             cmd.arg("--work").arg(self.work.to_string());
@@ -638,7 +652,7 @@ impl Fleet<'_> {
 
     /// Adds `items` to a fresh queue and runs it to the end.
     fn run(&self, db: &Path, input: &Path, items: usize, seed: bool) -> anyhow::Result<RunReport> {
-        let (enqueue_took, enqueue_rss) = enqueue(self.exe, db, input, self.durable)?;
+        let (enqueue_took, enqueue_rss) = enqueue(self.exe, db, input, self.flags)?;
         let role = if seed { Role::Seed } else { Role::Litework };
         let mut all = self.start(db, role)?;
         let started = Instant::now();
@@ -685,7 +699,8 @@ impl Fleet<'_> {
             db,
             &queue::Options {
                 create: true,
-                durable: self.durable,
+                durable: self.flags.durable,
+                busy_timeout: self.flags.busy_timeout,
                 ..queue::Options::default()
             },
         )?;
@@ -782,11 +797,11 @@ fn check(db: &Path, items: u64, runs: u64, fail_free: bool) -> anyhow::Result<Ch
 
 /// Times `status` (a process, as a user runs it) and a scrape of the
 /// supervisor's queue metrics on a queue of `n` items: median of five.
-fn status_at(exe: &Path, dir: &Path, n: u64, durable: bool) -> anyhow::Result<StatusAt> {
+fn status_at(exe: &Path, dir: &Path, n: u64, flags: DbFlags) -> anyhow::Result<StatusAt> {
     let db = dir.join("status.db");
     let input = dir.join("status-items.txt");
     write_items(&input, n)?;
-    let (add, add_rss) = enqueue(exe, &db, &input, durable)?;
+    let (add, add_rss) = enqueue(exe, &db, &input, flags)?;
     let _ = std::fs::remove_file(&input);
 
     let median = |mut v: Vec<Duration>| {

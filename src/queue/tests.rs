@@ -867,4 +867,29 @@ fn a_short_claim_and_a_look_say_what_they_saw_and_another_commit_moves_it() {
     assert_eq!(look.data_version, now);
     assert_eq!(session.turn("w1", LEASE, &turn).unwrap().claimed.len(), 1);
     assert!(!session.look().unwrap().ready);
+
+    // A retry recorded in a short claim's turn is what comes due next, in
+    // what the claim saw and in what a look sees.
+    let later = now_ms() + 3_600_000;
+    let a = result.claimed[0].clone();
+    let retry = Turn {
+        finished: vec![(
+            a,
+            Completion::Retry {
+                error: "again".into(),
+                kind: FailureKind::Error,
+                run_after: later,
+            },
+        )],
+        claim: 5,
+        ..Turn::default()
+    };
+    let retried = session.turn("w1", LEASE, &retry).unwrap();
+    assert!(retried.claimed.is_empty());
+    let seen = retried.short.expect("a short claim says what it saw");
+    assert!(!seen.ready);
+    assert_eq!(seen.next_ready_at, Some(later));
+    let look = session.look().unwrap();
+    assert!(!look.ready);
+    assert_eq!(look.next_ready_at, Some(later));
 }

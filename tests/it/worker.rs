@@ -196,6 +196,68 @@ fn a_retried_item_is_claimed_again_at_once_without_waiting_for_a_timer() {
 }
 
 #[test]
+fn a_claim_refused_by_a_held_write_lock_is_tried_again_once_the_lock_goes() {
+    // Another program commits an item and at once holds the write lock
+    // past the worker's busy timeout, then lets go without committing
+    // anything. Nothing moves `data_version` after that, so a worker that
+    // took what it saw before its failed claim for idleness would never
+    // claim the item: the lease and sweep timers are an hour away.
+    let sb = Sandbox::new();
+    sb.add("lines", "warm-up\n", &[]);
+    let worker = sb
+        .lw(["--busy-timeout", "200ms", "worker", "--follow", "-c", "1"])
+        .args(["--lease", "3h", "--sweep-interval", "1h", "--", "true"])
+        .spawn();
+    wait_until("the warm-up item is done", DEADLINE, || {
+        sb.count("done") == 1
+    });
+
+    let other = rusqlite::Connection::open(sb.db()).expect("opening the queue");
+    other
+        .busy_timeout(DEADLINE)
+        .expect("setting a busy timeout");
+    let mut done = 1;
+    // The worker may win the race for the lock between the commit and the
+    // second BEGIN; then the item simply runs, and we try again.
+    let refused = (0..10).any(|_| {
+        other
+            .execute_batch(
+                "BEGIN IMMEDIATE;
+                 INSERT INTO items (payload, priority, max_attempts, run_after, created_at)
+                 VALUES ('late', 0, 3, 0, 0);
+                 UPDATE counts SET n = n + 1 WHERE status = 'pending';
+                 COMMIT;
+                 BEGIN IMMEDIATE;",
+            )
+            .expect("adding an item and taking the write lock");
+        let pending: i64 = other
+            .query_row(
+                "SELECT count(*) FROM items WHERE status = 'pending'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("counting pending items");
+        if pending == 1 {
+            wait_until("the worker's claim gives up on the lock", DEADLINE, || {
+                worker.stderr_so_far().contains("database busy or full")
+            });
+        }
+        other
+            .execute_batch("ROLLBACK")
+            .expect("letting go of the lock");
+        done += 1;
+        wait_until("the added item is done", DEADLINE, || {
+            sb.count("done") == done
+        });
+        pending == 1
+    });
+    assert!(refused, "the worker claimed first ten times out of ten");
+    worker.signal(libc::SIGTERM);
+    let out = worker.wait(0);
+    out.assert_stderr_has("database writable again");
+}
+
+#[test]
 fn permanent_exit_status_fails_the_item_at_once() {
     let sb = Sandbox::new();
     sb.add("lines", "hopeless\n", &["--max-attempts", "3"]);
