@@ -193,9 +193,9 @@ pub struct WorkerArgs {
     pub sweep_interval: Duration,
 
     /// Longest pause between checks for new items when idle and commits
-    /// cannot be watched (a check is one read of `PRAGMA data_version`, no
-    /// write lock). While the database's log is watched, the longer of this and
-    /// 1s.
+    /// cannot be watched (a check is one read of `PRAGMA data_version`,
+    /// no write lock). While the database's log is watched, the longer of
+    /// this and 1s.
     #[arg(long, value_parser = duration, default_value = "4ms")]
     pub idle_poll: Duration,
 

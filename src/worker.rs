@@ -23,11 +23,13 @@
 //! `PRAGMA data_version` (which changes only when another connection
 //! commits) and checks it when a [`CommitWatch`] says another process
 //! wrote to the log, and on a timer backing off to [`WATCHED_POLL`] or
-//! `idle_poll`, whichever is longer (without a watch: to `idle_poll`). Only when it moved does it look, in
-//! a read transaction, for anything ready, and claims only if there is.
-//! It also wakes at the `run_after` of the earliest delayed item. Its own
-//! commits do not move `data_version`, so when it puts an item back
-//! itself it keeps track: a retry moves that wake-up time earlier, a
+//! `idle_poll`, whichever is longer (without a watch: to `idle_poll`).
+//! Only when it moved does it look, in a read transaction, for anything
+//! ready, and claims only if there is; it counts as idle again only after
+//! a claim comes up short, so a claim refused by a held lock is tried
+//! again. It also wakes at the `run_after` of the earliest delayed item.
+//! Its own commits do not move `data_version`, so when it puts an item
+//! back itself it keeps track: a retry moves that wake-up time earlier, a
 //! release (ready at once) makes it claim again straight away.
 
 use std::collections::HashMap;
@@ -510,10 +512,11 @@ const AFTER_COMMIT_POLL: Duration = Duration::from_micros(100);
 /// With a [`CommitWatch`] armed, the longest pause between idle checks:
 /// a safety net for file systems that report no writes.
 pub const WATCHED_POLL: Duration = Duration::from_secs(1);
-/// A watch that fires this long after the last check starts a new burst:
-/// the pause before checking goes back to [`AFTER_COMMIT_POLL`]. Inside a
-/// burst (a transaction that writes as it goes fires the watch again at
-/// every check) the pause doubles up to `idle_poll`.
+/// A watch that fires this long (or `idle_poll`, if longer) after the last
+/// check starts a new burst: the pause before checking goes back to
+/// [`AFTER_COMMIT_POLL`]. Inside a burst (a transaction that writes as it
+/// goes fires the watch again at every check) the pause doubles up to
+/// `idle_poll`.
 const QUIET: Duration = Duration::from_millis(50);
 /// A check that sees another commit within this long of the watch firing
 /// counts as a wake-up by the watch in `litework_commit_wakeups_total`.
@@ -676,10 +679,10 @@ impl Loop<'_> {
                     || self
                         .finished_since
                         .is_some_and(|t| t.elapsed() >= FLUSH_AFTER));
-            // A try is due after a failure: with nothing else to write, a
-            // heartbeat tells whether the database came back.
-            let beat =
-                self.last_heartbeat.elapsed() >= self.cfg.lease / 3 || self.trouble.is_some();
+            // After a failure a try is due at `retry_at`: with nothing else
+            // to write, a heartbeat tells whether the database came back.
+            let probe = self.trouble.is_some();
+            let beat = self.last_heartbeat.elapsed() >= self.cfg.lease / 3 || probe;
             let may_write = self
                 .trouble
                 .as_ref()
@@ -1324,7 +1327,7 @@ impl Loop<'_> {
                             // Long after the last check: a new burst of
                             // writes (or one of our own commits), not
                             // the same slow transaction.
-                            if self.last_check.elapsed() >= QUIET {
+                            if self.last_check.elapsed() >= QUIET.max(self.cfg.idle_poll) {
                                 self.gap = AFTER_COMMIT_POLL;
                             }
                             self.woken = Some(Instant::now());

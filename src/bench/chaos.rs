@@ -36,10 +36,10 @@ struct ChaosReport {
     passed: bool,
 }
 
-pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+pub fn bench(args: BenchArgs, flags: super::DbFlags) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("finding the litework executable")?;
     let (dir, temporary) = super::bench_dir(args.dir.as_deref(), "chaos")?;
-    let report = chaos(&exe, &dir, &args)?;
+    let report = chaos(&exe, &dir, &args, flags)?;
     // A failed run keeps its queue and logs for a look.
     if temporary && report.passed {
         let _ = std::fs::remove_dir_all(&dir);
@@ -82,7 +82,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn chaos(exe: &Path, dir: &Path, args: &BenchArgs) -> anyhow::Result<ChaosReport> {
+fn chaos(
+    exe: &Path,
+    dir: &Path,
+    args: &BenchArgs,
+    flags: super::DbFlags,
+) -> anyhow::Result<ChaosReport> {
     let n = args.items.unwrap_or(20_000);
     let concurrency = args.concurrency.unwrap_or(2);
     let db = dir.join("chaos.db");
@@ -125,8 +130,9 @@ fn chaos(exe: &Path, dir: &Path, args: &BenchArgs) -> anyhow::Result<ChaosReport
             .append(true)
             .open(dir.join("run.log"))
             .context("opening run.log")?;
-        Command::new(exe)
-            .args(a)
+        let mut cmd = Command::new(exe);
+        flags.pass_to(&mut cmd);
+        cmd.args(a)
             .env("LITEWORK_CHAOS_LOG", &log)
             .stdout(Stdio::null())
             .stderr(output)

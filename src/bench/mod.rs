@@ -184,7 +184,17 @@ pub struct DbFlags {
 }
 
 impl DbFlags {
-    fn pass_to(self, cmd: &mut Command) {
+    /// How this process opens a bench database.
+    fn options(self) -> queue::Options {
+        queue::Options {
+            durable: self.durable,
+            busy_timeout: self.busy_timeout,
+            ..queue::Options::default()
+        }
+    }
+
+    /// Passes the flags on to a litework child process.
+    pub(crate) fn pass_to(self, cmd: &mut Command) {
         if self.durable {
             cmd.arg("--durable");
         }
@@ -195,7 +205,7 @@ impl DbFlags {
 
 pub fn bench(args: BenchArgs, flags: DbFlags) -> anyhow::Result<ExitCode> {
     if args.chaos {
-        return chaos::bench(args);
+        return chaos::bench(args, flags);
     }
     let exe = std::env::current_exe().context("finding the litework executable")?;
     let config = |msg: &str| litework::Error::Config(msg.to_string());
@@ -699,9 +709,7 @@ impl Fleet<'_> {
             db,
             &queue::Options {
                 create: true,
-                durable: self.flags.durable,
-                busy_timeout: self.flags.busy_timeout,
-                ..queue::Options::default()
+                ..self.flags.options()
             },
         )?;
         let mut all = self.start(db, Role::Pickup { poll_only })?;
@@ -811,11 +819,12 @@ fn status_at(exe: &Path, dir: &Path, n: u64, flags: DbFlags) -> anyhow::Result<S
     let mut status = Vec::new();
     for _ in 0..5 {
         let mut cmd = Command::new(exe);
+        flags.pass_to(&mut cmd);
         cmd.arg("--db").arg(&db).arg("status").stdout(Stdio::null());
         status.push(timed(cmd)?.0);
     }
 
-    let queue = Queue::open(&db)?;
+    let queue = Queue::open_with(&db, &flags.options())?;
     let metrics = SupervisorMetrics::new(queue);
     let exporter = Exporter::serve(
         "127.0.0.1:0",

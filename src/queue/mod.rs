@@ -63,6 +63,9 @@ pub struct Options {
     pub allow_network_fs: bool,
 }
 
+/// The least time a pool waits for a free connection.
+const POOL_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Default for Options {
     fn default() -> Options {
         Options {
@@ -432,7 +435,9 @@ impl Queue {
         let pool = r2d2::Pool::builder()
             .max_size(opts.pool_size.max(1))
             .min_idle(Some(1))
-            .connection_timeout(opts.busy_timeout)
+            // The pool's own wait for a free connection: a short
+            // `busy_timeout` must not fail opening the first one.
+            .connection_timeout(opts.busy_timeout.max(POOL_TIMEOUT))
             .error_handler(Box::new(PoolErrors))
             .build(manager)
             .map_err(|source| Error::Pool {

@@ -885,6 +885,10 @@ fn a_short_claim_and_a_look_say_what_they_saw_and_another_commit_moves_it() {
         ..Turn::default()
     };
     let retried = session.turn("w1", LEASE, &retry).unwrap();
+    assert_eq!(
+        retried.recorded,
+        [(result.claimed[0].id, Recorded::Recorded)]
+    );
     assert!(retried.claimed.is_empty());
     let seen = retried.short.expect("a short claim says what it saw");
     assert!(!seen.ready);

@@ -216,10 +216,10 @@ fn a_claim_refused_by_a_held_write_lock_is_tried_again_once_the_lock_goes() {
     other
         .busy_timeout(DEADLINE)
         .expect("setting a busy timeout");
-    let mut done = 1;
     // The worker may win the race for the lock between the commit and the
     // second BEGIN; then the item simply runs, and we try again.
-    let refused = (0..10).any(|_| {
+    let mut refused = false;
+    for done in 2..12 {
         other
             .execute_batch(
                 "BEGIN IMMEDIATE;
@@ -237,7 +237,8 @@ fn a_claim_refused_by_a_held_write_lock_is_tried_again_once_the_lock_goes() {
                 |r| r.get(0),
             )
             .expect("counting pending items");
-        if pending == 1 {
+        refused = pending == 1;
+        if refused {
             wait_until("the worker's claim gives up on the lock", DEADLINE, || {
                 worker.stderr_so_far().contains("database busy or full")
             });
@@ -245,12 +246,13 @@ fn a_claim_refused_by_a_held_write_lock_is_tried_again_once_the_lock_goes() {
         other
             .execute_batch("ROLLBACK")
             .expect("letting go of the lock");
-        done += 1;
         wait_until("the added item is done", DEADLINE, || {
             sb.count("done") == done
         });
-        pending == 1
-    });
+        if refused {
+            break;
+        }
+    }
     assert!(refused, "the worker claimed first ten times out of ten");
     worker.signal(libc::SIGTERM);
     let out = worker.wait(0);
