@@ -5,7 +5,7 @@
 #   bash benches/run.sh            # all of it (about 5 minutes on 2 cores)
 #   SEED=path/to/seed_pattern.py bash benches/run.sh   # also the Python seed
 #
-# Needs: a release build (made here), xargs, and GNU parallel for the
+# Needs: a release build (made here), python3, xargs, and GNU parallel for the
 # spawn comparison (Debian: apt-get install parallel; the moreutils
 # `parallel` is a different program and is skipped).
 set -euo pipefail
@@ -53,6 +53,9 @@ if parallel --version 2>/dev/null | grep -q 'GNU parallel'; then
 else
     echo "  GNU parallel: not installed, skipped"
 fi
+
+section "a killed worker's item taken back (ms from kill -9)"
+python3 benches/rescue.py "$lw" 10
 
 section "add 1,000,000 items, then run them (worker memory over the run)"
 "$lw" bench --items 1000000 -w 4 -c 4

@@ -539,7 +539,9 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-fn wait_exited_no_reap(pid: i32) -> std::io::Result<()> {
+/// Blocks until child `pid` has exited, leaving it to be reaped (its pid
+/// stays taken until then).
+pub(crate) fn wait_exited_no_reap(pid: i32) -> std::io::Result<()> {
     loop {
         // SAFETY: siginfo_t is plain data; waitid fills it.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };

@@ -29,7 +29,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use tracing::{error, info, warn};
 
 use crate::error::{Error, Result};
@@ -97,20 +97,31 @@ struct Slot {
     fruitless: u32,
 }
 
+/// The longest the supervisor's loop sleeps: progress is reported and the
+/// sweep and stop deadlines are looked at this often.
+const TICK: Duration = Duration::from_millis(200);
+
 /// The supervisor; see the module doc.
 pub struct Supervisor {
     queue: Queue,
     config: SupervisorConfig,
     metrics: Arc<SupervisorMetrics>,
+    /// A message for every worker that exited, so that the loop reaps it
+    /// (and takes its leases back) at once instead of at the next tick.
+    exited_tx: Sender<()>,
+    exited: Receiver<()>,
 }
 
 impl Supervisor {
     pub fn new(queue: Queue, config: SupervisorConfig) -> Supervisor {
         let metrics = Arc::new(SupervisorMetrics::new(queue.clone()));
+        let (exited_tx, exited) = crossbeam_channel::unbounded();
         Supervisor {
             queue,
             config,
             metrics,
+            exited_tx,
+            exited,
         }
     }
 
@@ -328,6 +339,15 @@ impl Supervisor {
                 }
             }
 
+            // Until the next tick, or the next restart that is due.
+            let now = Instant::now();
+            let nap = slots
+                .iter()
+                .filter_map(|s| match s.state {
+                    SlotState::Waiting { until } => Some(until.saturating_duration_since(now)),
+                    _ => None,
+                })
+                .fold(TICK, Duration::min);
             crossbeam_channel::select! {
                 recv(stop) -> msg => match msg {
                     Ok(()) => {
@@ -342,7 +362,8 @@ impl Supervisor {
                     }
                     Err(_) => stop = crossbeam_channel::never(),
                 },
-                default(Duration::from_millis(200)) => {}
+                recv(self.exited) -> _ => {}
+                default(nap) => {}
             }
         }
 
@@ -382,11 +403,33 @@ impl Supervisor {
         })?;
         let lifeline = child.stdin.take();
         info!(slot = slot.n, worker = %slot.id, pid = child.id(), "worker started");
+        self.watch_exit(&child);
         slot.state = SlotState::Running {
             child,
             _lifeline: lifeline,
         };
         Ok(())
+    }
+
+    /// Sends on `exited` when `child` exits. Without it (no thread could be
+    /// started), the exit is seen at the next tick.
+    fn watch_exit(&self, child: &Child) {
+        let Ok(pid) = i32::try_from(child.id()) else {
+            return;
+        };
+        let tx = self.exited_tx.clone();
+        let watcher = std::thread::Builder::new()
+            .name("worker-exit".into())
+            .spawn(move || {
+                // Not reaped here: the pid stays this worker's until the
+                // loop's `try_wait`. If the loop reaped it first this fails
+                // at once, and the message is merely one too many.
+                let _ = crate::exec::wait_exited_no_reap(pid);
+                let _ = tx.send(());
+            });
+        if let Err(error) = watcher {
+            warn!(%error, "cannot watch a worker for its exit; checking every 200 ms");
+        }
     }
 }
 
