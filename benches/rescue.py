@@ -27,8 +27,9 @@ def one(lw):
                        stderr=subprocess.DEVNULL)
         run = subprocess.Popen(
             [lw, "--db", db, "-q", "run", "-w", "1", "-c", "1", "--progress", "none",
-             "--", "sh", "-c", "sleep 60"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--drain-timeout", "0s", "--", "sh", "-c", "sleep 60"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
         try:
             conn = sqlite3.connect(db, timeout=10)
             deadline = time.monotonic() + 20
@@ -40,8 +41,8 @@ def one(lw):
                     "SELECT lease_owner FROM items WHERE status = 'running'").fetchone()
                 owner = row and row[0]
                 time.sleep(0.005)
-            pattern = "worker --worker-id %s --supervised" % owner
-            found = subprocess.run(["pgrep", "-f", "--", pattern],
+            # With -w 1 the supervisor's only child is the worker.
+            found = subprocess.run(["pgrep", "-P", str(run.pid)],
                                    capture_output=True, check=True)
             worker = int(found.stdout.split()[0])
             killed = time.monotonic()
@@ -56,8 +57,11 @@ def one(lw):
                 time.sleep(0.0005)
         finally:
             run.send_signal(signal.SIGINT)
-            run.send_signal(signal.SIGINT)
-            run.wait()
+            try:
+                run.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

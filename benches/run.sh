@@ -5,9 +5,10 @@
 #   bash benches/run.sh            # all of it (about 5 minutes on 2 cores)
 #   SEED=path/to/seed_pattern.py bash benches/run.sh   # also the Python seed
 #
-# Needs: a release build (made here), python3, xargs, and GNU parallel for the
-# spawn comparison (Debian: apt-get install parallel; the moreutils
-# `parallel` is a different program and is skipped).
+# Needs: a release build (made here), python3 and pgrep (procps), xargs,
+# and GNU parallel for the spawn comparison (Debian: apt-get install
+# parallel; the moreutils `parallel` is a different program and is
+# skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -131,7 +131,7 @@ impl Supervisor {
     }
 
     /// Runs workers until the queue drains (or, with `follow`, until
-    /// stopped). `progress` is called about five times a second with the
+    /// stopped). `progress` is called at least five times a second with the
     /// queue's counts. The first message on `stop` drains, the second stops
     /// now.
     pub fn run(
@@ -339,12 +339,16 @@ impl Supervisor {
                 }
             }
 
-            // Until the next tick, or the next restart that is due.
+            // Until the next tick, or the next restart that is due (none
+            // once stopping: a slot left waiting then would wake us
+            // over and over).
             let now = Instant::now();
             let nap = slots
                 .iter()
                 .filter_map(|s| match s.state {
-                    SlotState::Waiting { until } => Some(until.saturating_duration_since(now)),
+                    SlotState::Waiting { until } if stop_began.is_none() => {
+                        Some(until.saturating_duration_since(now))
+                    }
                     _ => None,
                 })
                 .fold(TICK, Duration::min);
@@ -365,6 +369,9 @@ impl Supervisor {
                 recv(self.exited) -> _ => {}
                 default(nap) => {}
             }
+            // The next turn reaps every worker that has exited by now:
+            // their messages would only bring empty turns.
+            while self.exited.try_recv().is_ok() {}
         }
 
         if let Some(e) = fatal {
@@ -420,15 +427,18 @@ impl Supervisor {
         let tx = self.exited_tx.clone();
         let watcher = std::thread::Builder::new()
             .name("worker-exit".into())
+            .stack_size(64 * 1024)
             .spawn(move || {
                 // Not reaped here: the pid stays this worker's until the
                 // loop's `try_wait`. If the loop reaped it first this fails
-                // at once, and the message is merely one too many.
+                // at once (or, should the pid already belong to a newer
+                // worker of ours, waits for that one): either way the
+                // message is merely one too many.
                 let _ = crate::exec::wait_exited_no_reap(pid);
                 let _ = tx.send(());
             });
         if let Err(error) = watcher {
-            warn!(%error, "cannot watch a worker for its exit; checking every 200 ms");
+            warn!(%error, every = ?TICK, "cannot watch a worker for its exit; checking on a timer");
         }
     }
 }
