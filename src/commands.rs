@@ -27,15 +27,54 @@ const EXIT_ITEMS_FAILED: u8 = 1;
 /// Stopped by a signal before the queue drained (128 + SIGINT).
 const EXIT_INTERRUPTED: u8 = 130;
 
+/// The global options that say how a database is opened. Every litework
+/// process a verb starts gets them too.
+#[derive(Debug, Clone, Copy)]
+pub struct DbFlags {
+    pub durable: bool,
+    pub allow_network_fs: bool,
+    pub busy_timeout: Duration,
+}
+
+impl DbFlags {
+    fn of(cli: &Cli) -> DbFlags {
+        DbFlags {
+            durable: cli.durable,
+            allow_network_fs: cli.allow_network_fs,
+            busy_timeout: cli.busy_timeout,
+        }
+    }
+
+    /// How this process opens a database.
+    pub fn options(self, create: bool) -> queue::Options {
+        queue::Options {
+            create,
+            durable: self.durable,
+            allow_network_fs: self.allow_network_fs,
+            busy_timeout: self.busy_timeout,
+            ..queue::Options::default()
+        }
+    }
+
+    /// The same, as arguments for a litework child process.
+    pub fn args(self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        if self.durable {
+            a.push("--durable".into());
+        }
+        if self.allow_network_fs {
+            a.push("--allow-network-fs".into());
+        }
+        let timeout = humantime::format_duration(self.busy_timeout).to_string();
+        a.extend(["--busy-timeout".into(), timeout.into()]);
+        a
+    }
+}
+
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let global = global_args(&cli);
-    let opts = |create: bool| queue::Options {
-        create,
-        durable: cli.durable,
-        allow_network_fs: cli.allow_network_fs,
-        busy_timeout: cli.busy_timeout,
-        ..queue::Options::default()
-    };
+    let flags = DbFlags::of(&cli);
+    let opts = |create: bool| flags.options(create);
     let open = |create: bool| Queue::open_with(&cli.db, &opts(create));
     match cli.command {
         Command::Init => {
@@ -67,13 +106,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Retry(args) => retry(open(false)?, args),
         Command::RequeueStale(args) => requeue(open(false)?, args),
         Command::Export(args) => export(open(false)?, args),
-        Command::Bench(args) => {
-            let flags = crate::bench::DbFlags {
-                durable: cli.durable,
-                busy_timeout: cli.busy_timeout,
-            };
-            crate::bench::bench(args, flags)
-        }
+        Command::Bench(args) => crate::bench::bench(args, flags),
         Command::BenchWorker(args) => crate::bench::bench_worker(&cli.db, &opts(false), args),
         Command::KeepGroups {
             worker_id,
@@ -177,18 +210,7 @@ fn add_to_new(
 /// The options every child `litework` gets before its verb.
 fn global_args(cli: &Cli) -> Vec<OsString> {
     let mut a: Vec<OsString> = vec!["--db".into(), cli.db.clone().into_os_string()];
-    if cli.durable {
-        a.push("--durable".into());
-    }
-    if cli.allow_network_fs {
-        a.push("--allow-network-fs".into());
-    }
-    a.push("--busy-timeout".into());
-    a.push(
-        humantime::format_duration(cli.busy_timeout)
-            .to_string()
-            .into(),
-    );
+    a.extend(DbFlags::of(cli).args());
     if cli.quiet {
         a.push("--quiet".into());
     }

@@ -19,6 +19,7 @@ use anyhow::Context;
 use rusqlite::{Connection, OpenFlags};
 
 use crate::cli::BenchArgs;
+use crate::commands::DbFlags;
 
 /// What one chaos run did and found.
 #[derive(Debug, serde::Serialize)]
@@ -36,7 +37,7 @@ struct ChaosReport {
     passed: bool,
 }
 
-pub fn bench(args: BenchArgs, flags: super::DbFlags) -> anyhow::Result<ExitCode> {
+pub fn bench(args: BenchArgs, flags: DbFlags) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("finding the litework executable")?;
     let (dir, temporary) = super::bench_dir(args.dir.as_deref(), "chaos")?;
     let report = chaos(&exe, &dir, &args, flags)?;
@@ -82,12 +83,7 @@ pub fn bench(args: BenchArgs, flags: super::DbFlags) -> anyhow::Result<ExitCode>
     })
 }
 
-fn chaos(
-    exe: &Path,
-    dir: &Path,
-    args: &BenchArgs,
-    flags: super::DbFlags,
-) -> anyhow::Result<ChaosReport> {
+fn chaos(exe: &Path, dir: &Path, args: &BenchArgs, flags: DbFlags) -> anyhow::Result<ChaosReport> {
     let n = args.items.unwrap_or(20_000);
     let concurrency = args.concurrency.unwrap_or(2);
     let db = dir.join("chaos.db");
@@ -130,9 +126,9 @@ fn chaos(
             .append(true)
             .open(dir.join("run.log"))
             .context("opening run.log")?;
-        let mut cmd = Command::new(exe);
-        flags.pass_to(&mut cmd);
-        cmd.args(a)
+        Command::new(exe)
+            .args(flags.args())
+            .args(a)
             .env("LITEWORK_CHAOS_LOG", &log)
             .stdout(Stdio::null())
             .stderr(output)

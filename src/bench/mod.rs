@@ -36,6 +36,7 @@ use litework::metrics::{Exporter, SupervisorMetrics, WebConfig};
 use litework::queue::{self, NewItem, Queue};
 
 use crate::cli::{BenchArgs, WorkKind};
+use crate::commands::DbFlags;
 pub use worker::bench_worker;
 use worker::WorkerOutput;
 
@@ -173,34 +174,6 @@ struct Report {
     pickup_polling: Option<Pickup>,
     status_at: Option<StatusAt>,
     passed: bool,
-}
-
-/// The global options that every process of a bench opens its database
-/// with.
-#[derive(Debug, Clone, Copy)]
-pub struct DbFlags {
-    pub durable: bool,
-    pub busy_timeout: Duration,
-}
-
-impl DbFlags {
-    /// How this process opens a bench database.
-    fn options(self) -> queue::Options {
-        queue::Options {
-            durable: self.durable,
-            busy_timeout: self.busy_timeout,
-            ..queue::Options::default()
-        }
-    }
-
-    /// Passes the flags on to a litework child process.
-    pub(crate) fn pass_to(self, cmd: &mut Command) {
-        if self.durable {
-            cmd.arg("--durable");
-        }
-        let timeout = humantime::format_duration(self.busy_timeout).to_string();
-        cmd.args(["--busy-timeout", &timeout]);
-    }
 }
 
 pub fn bench(args: BenchArgs, flags: DbFlags) -> anyhow::Result<ExitCode> {
@@ -550,7 +523,7 @@ fn timed(mut cmd: Command) -> anyhow::Result<(Duration, u64)> {
 /// `litework add` of a file of numbers into a new queue.
 fn enqueue(exe: &Path, db: &Path, input: &Path, flags: DbFlags) -> anyhow::Result<(Duration, u64)> {
     let mut cmd = Command::new(exe);
-    flags.pass_to(&mut cmd);
+    cmd.args(flags.args());
     cmd.arg("--db").arg(db).args(["-q", "add"]).arg(input);
     timed(cmd)
 }
@@ -598,7 +571,7 @@ impl Fleet<'_> {
         let mut all = Vec::with_capacity(self.workers);
         for _ in 0..self.workers {
             let mut cmd = Command::new(self.exe);
-            self.flags.pass_to(&mut cmd);
+            cmd.args(self.flags.args());
             cmd.arg("--db").arg(db).args(["-q", "bench-worker"]);
             cmd.arg("--concurrency").arg(self.concurrency.to_string());
             cmd.arg("--work").arg(self.work.to_string());
@@ -705,13 +678,7 @@ impl Fleet<'_> {
     /// items one at a time, a few milliseconds apart, and reports how long
     /// each waited to start.
     fn pickup(&self, db: &Path, n: usize, poll_only: bool) -> anyhow::Result<Pickup> {
-        let queue = Queue::open_with(
-            db,
-            &queue::Options {
-                create: true,
-                ..self.flags.options()
-            },
-        )?;
+        let queue = Queue::open_with(db, &self.flags.options(true))?;
         let mut all = self.start(db, Role::Pickup { poll_only })?;
         Fleet::go(&mut all)?;
         // Past the first checks of an empty queue, into steady idleness.
@@ -819,12 +786,12 @@ fn status_at(exe: &Path, dir: &Path, n: u64, flags: DbFlags) -> anyhow::Result<S
     let mut status = Vec::new();
     for _ in 0..5 {
         let mut cmd = Command::new(exe);
-        flags.pass_to(&mut cmd);
+        cmd.args(flags.args());
         cmd.arg("--db").arg(&db).arg("status").stdout(Stdio::null());
         status.push(timed(cmd)?.0);
     }
 
-    let queue = Queue::open_with(&db, &flags.options())?;
+    let queue = Queue::open_with(&db, &flags.options(false))?;
     let metrics = SupervisorMetrics::new(queue);
     let exporter = Exporter::serve(
         "127.0.0.1:0",
