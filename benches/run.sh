@@ -27,6 +27,12 @@ if [[ -n "${SEED:-}" ]]; then
     python3 "$SEED" --items 20000 --workers 4
 fi
 
+section "the record half alone: outcomes recorded by 4 processes, claims not timed"
+# Built here and run directly, as the spawn loop below.
+floor_bin=$(cargo bench --locked --no-run --bench record_floor 2>&1 |
+    sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
+"$floor_bin" 400000 4 3
+
 section "16 worker processes on $(nproc) cores"
 "$lw" bench --items 200000 -w 16 -c 4
 
