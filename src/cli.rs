@@ -143,12 +143,12 @@ pub struct AddArgs {
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     /// Items run at once (executor threads). Default: number of CPUs.
-    #[arg(short = 'c', long)]
+    #[arg(short = 'c', long, value_parser = at_least_one)]
     pub concurrency: Option<usize>,
 
     /// How long a claim holds an item; extended every third of it while the
     /// item runs.
-    #[arg(long, value_parser = duration, default_value = "30s")]
+    #[arg(long, value_parser = lease, default_value = "30s")]
     pub lease: Duration,
 
     /// Kill an item's process group after this long and count a failure.
@@ -341,7 +341,7 @@ pub struct RunArgs {
     pub max_attempts: u32,
 
     /// Worker processes. Default: number of CPUs.
-    #[arg(short = 'w', long)]
+    #[arg(short = 'w', long, value_parser = at_least_one)]
     pub workers: Option<usize>,
 
     /// First delay before restarting a worker that died without finishing
@@ -378,11 +378,11 @@ pub struct BenchArgs {
     pub items: Option<usize>,
 
     /// Worker processes.
-    #[arg(short = 'w', long, default_value_t = 4)]
+    #[arg(short = 'w', long, default_value_t = 4, value_parser = at_least_one)]
     pub workers: usize,
 
     /// Items at once per worker [default: 4; 2 with --chaos].
-    #[arg(short = 'c', long)]
+    #[arg(short = 'c', long, value_parser = at_least_one)]
     pub concurrency: Option<usize>,
 
     /// What each item does: noop, sleep=DURATION, or fail=RATE (a no-op
@@ -552,6 +552,26 @@ pub struct ExportArgs {
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m, 1h)"))
+}
+
+/// The shortest `--lease`: it is extended every third of it, so a shorter
+/// one leaves a heartbeat no time to get through a busy moment.
+const MIN_LEASE: Duration = Duration::from_millis(300);
+
+fn lease(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d < MIN_LEASE => Err("must be at least 300ms".into()),
+        d => Ok(d),
+    }
+}
+
+/// A count of processes or threads.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
 }
 
 fn nonzero_duration(s: &str) -> Result<Duration, String> {

@@ -229,8 +229,12 @@ fn run(
     args: RunArgs,
     opts: queue::Options,
 ) -> anyhow::Result<ExitCode> {
-    // Check the command before adding anything.
+    // Check everything before adding anything: the command, the web
+    // configuration and the metrics address (bound now, answered later).
+    // Numeric options were checked when parsed.
     worker_spec(&args.worker)?;
+    let addr = args.worker.metrics_addr.as_deref().unwrap_or("127.0.0.1:0");
+    let bound = Exporter::bind(addr, web_config(&args.worker)?)?;
     if args.input.is_some() {
         let defaults = Defaults {
             key_from_payload: !args.no_dedupe,
@@ -250,9 +254,6 @@ fn run(
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if workers == 0 {
-        return Err(litework::Error::Config("--workers must be at least 1".into()).into());
-    }
     let config = SupervisorConfig {
         exe,
         global_args: global,
@@ -274,12 +275,10 @@ fn run(
     .context("installing the SIGINT/SIGTERM handler")?;
 
     let supervisor = Supervisor::new(queue.clone(), config);
-    let addr = args.worker.metrics_addr.as_deref().unwrap_or("127.0.0.1:0");
     let targets = queue.clone();
     let discovery: litework::metrics::Discovery = Box::new(move || discovery(&targets));
     let registry = supervisor.metrics().registry().clone();
-    let web = web_config(&args.worker)?;
-    let exporter = Exporter::serve(addr, registry, Some(discovery), web)?;
+    let exporter = bound.serve(registry, Some(discovery))?;
     let url = format!("http://{}", exporter.addr());
     tracing::info!(metrics = %format!("{url}/metrics"), sd = %format!("{url}/sd"), "serving");
 
@@ -464,12 +463,6 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
         sweep_interval: args.sweep_interval,
         metrics_addr: None,
     };
-    if config.concurrency == 0 {
-        return Err(litework::Error::Config("--concurrency must be at least 1".into()).into());
-    }
-    if config.lease < std::time::Duration::from_millis(300) {
-        return Err(litework::Error::Config("--lease must be at least 300ms".into()).into());
-    }
     let mut worker = Worker::new(queue, config, spec);
     // Bound before any work starts: a busy port is a start-up error.
     let addr = args.metrics_addr.as_deref().unwrap_or("127.0.0.1:0");

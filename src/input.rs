@@ -221,10 +221,10 @@ fn parse_json(line: &[u8]) -> std::result::Result<(NewItem, bool), String> {
             }
             "delay" => {
                 let d = match &v {
-                    Value::Number(n) => n
-                        .as_f64()
-                        .filter(|s| *s >= 0.0)
-                        .map(Duration::from_secs_f64),
+                    // Negative or past what a Duration holds (1e20): refused.
+                    Value::Number(n) => {
+                        n.as_f64().and_then(|s| Duration::try_from_secs_f64(s).ok())
+                    }
                     Value::String(s) => humantime::parse_duration(s).ok(),
                     _ => None,
                 };
@@ -323,6 +323,14 @@ mod tests {
             (br#"{"payload":"a","colour":1}"#, "unknown field \"colour\""),
             (br#"{"payload":"a""#, "invalid JSON"),
             (br#"[1]"#, "expected a JSON object"),
+            (
+                br#"{"payload":"a","delay":-1}"#,
+                "\"delay\" must be seconds",
+            ),
+            (
+                br#"{"payload":"a","delay":1e20}"#,
+                "\"delay\" must be seconds",
+            ),
         ] {
             let err = parse(bad, Format::Jsonl).remove(0).unwrap_err().to_string();
             assert!(err.contains(want), "{err} should contain {want}");

@@ -15,6 +15,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
@@ -570,19 +573,55 @@ impl WebConfig {
 /// The HTTP endpoint of one process: `/metrics`, `/healthz` and, on the
 /// supervisor, `/sd` (Prometheus HTTP service discovery). Bound when made,
 /// so a busy port fails start-up; stops when dropped.
+///
+/// Each client connection is answered on a thread of its own, so a client
+/// that stops reading its answers blocks only itself: neither other
+/// scrapes nor the end of the process wait for it.
 pub struct Exporter {
     server: Arc<tiny_http::Server>,
     addr: SocketAddr,
     thread: Option<JoinHandle<()>>,
+    /// Disconnects when the accept loop ends.
+    ended: Receiver<()>,
 }
 
+/// An endpoint bound but not answering yet: `litework run` binds before it
+/// adds its input, so that a busy port or a bad address changes nothing.
+pub struct Bound {
+    server: tiny_http::Server,
+    addr: SocketAddr,
+    web: WebConfig,
+}
+
+/// What every connection's thread shares.
+struct Pages {
+    registry: Registry,
+    discovery: Option<Discovery>,
+    web: WebConfig,
+    /// Basic-auth header values already checked (bcrypt is slow on purpose).
+    accepted: std::sync::Mutex<Vec<String>>,
+}
+
+/// How long a connection's thread waits for its next request before it
+/// ends; the next request on that connection then starts a new one.
+const CONNECTION_IDLE: Duration = Duration::from_secs(5);
+
+/// How long dropping an [`Exporter`] waits for its accept loop to end.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+
 impl Exporter {
+    /// Binds `addr` and answers on it at once.
     pub fn serve(
         addr: &str,
         registry: Registry,
         discovery: Option<Discovery>,
         web: WebConfig,
     ) -> Result<Exporter> {
+        Exporter::bind(addr, web)?.serve(registry, discovery)
+    }
+
+    /// Binds `addr` (port 0: any free port) without answering yet.
+    pub fn bind(addr: &str, web: WebConfig) -> Result<Bound> {
         let server = match web.tls.clone() {
             Some(tls) => tiny_http::Server::https(addr, tls),
             None => tiny_http::Server::http(addr),
@@ -597,22 +636,10 @@ impl Exporter {
                 )))
             }
         };
-        let server = Arc::new(server);
-        let serving = server.clone();
-        let thread = std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || {
-                let accepted = std::sync::Mutex::new(Vec::new());
-                for request in serving.incoming_requests() {
-                    let allowed = web.allows(&request, &accepted);
-                    respond(request, &registry, discovery.as_deref(), allowed);
-                }
-            })
-            .map_err(|e| Error::Config(format!("cannot start the metrics thread: {e}")))?;
-        Ok(Exporter {
+        Ok(Bound {
             server,
             addr: bound,
-            thread: Some(thread),
+            web,
         })
     }
 
@@ -622,13 +649,134 @@ impl Exporter {
     }
 }
 
+impl Bound {
+    /// The address actually bound (port 0 resolved).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts answering requests.
+    pub fn serve(self, registry: Registry, discovery: Option<Discovery>) -> Result<Exporter> {
+        let server = Arc::new(self.server);
+        let serving = server.clone();
+        let pages = Arc::new(Pages {
+            registry,
+            discovery,
+            web: self.web,
+            accepted: std::sync::Mutex::new(Vec::new()),
+        });
+        let (ending, ended) = crossbeam_channel::bounded::<()>(0);
+        let thread = std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                accept(&serving, &pages);
+                drop(ending);
+            })
+            .map_err(|e| Error::Config(format!("cannot start the metrics thread: {e}")))?;
+        Ok(Exporter {
+            server,
+            addr: self.addr,
+            thread: Some(thread),
+            ended,
+        })
+    }
+}
+
 impl Drop for Exporter {
     fn drop(&mut self) {
         self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // The accept loop never writes to a client, so it ends at once; the
+        // wait is bounded all the same, as a process must be able to exit
+        // whatever its clients do. Connection threads are not waited for.
+        if let Err(RecvTimeoutError::Disconnected) = self.ended.recv_timeout(STOP_WAIT) {
+            let _ = thread.join();
         }
     }
+}
+
+/// Hands each request to its connection's thread, starting one when the
+/// connection has none.
+fn accept(server: &tiny_http::Server, pages: &Arc<Pages>) {
+    type Connections = std::collections::HashMap<SocketAddr, Sender<tiny_http::Request>>;
+    let connections: Arc<std::sync::Mutex<Connections>> = Arc::default();
+    for request in server.incoming_requests() {
+        let Some(peer) = request.remote_addr().copied() else {
+            // Not a TCP client (tiny_http only listens on TCP here).
+            answer(request, pages);
+            continue;
+        };
+        let mut open = connections.lock().unwrap_or_else(|p| p.into_inner());
+        // A connection's thread takes itself out of the map under this lock
+        // before it ends, so a sender found here has a thread behind it.
+        let request = match open.get(&peer) {
+            Some(tx) => match tx.send(request) {
+                Ok(()) => continue,
+                Err(crossbeam_channel::SendError(request)) => request,
+            },
+            None => request,
+        };
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (shared, map) = (pages.clone(), connections.clone());
+        let started = std::thread::Builder::new()
+            .name("metrics-conn".into())
+            .stack_size(256 * 1024)
+            .spawn(move || serve_connection(peer, &rx, &shared, &map));
+        match started {
+            Ok(_) => {
+                let _ = tx.send(request);
+                open.insert(peer, tx);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: cannot start a connection thread");
+                drop(open);
+                answer(request, pages);
+            }
+        }
+    }
+}
+
+/// Answers one connection's requests in order until it has been idle for
+/// [`CONNECTION_IDLE`].
+fn serve_connection(
+    peer: SocketAddr,
+    rx: &Receiver<tiny_http::Request>,
+    pages: &Pages,
+    connections: &std::sync::Mutex<
+        std::collections::HashMap<SocketAddr, Sender<tiny_http::Request>>,
+    >,
+) {
+    loop {
+        match rx.recv_timeout(CONNECTION_IDLE) {
+            Ok(request) => answer(request, pages),
+            Err(_) => {
+                let mut open = connections.lock().unwrap_or_else(|p| p.into_inner());
+                // Whatever was sent before the entry went is answered here.
+                match rx.try_recv() {
+                    Ok(request) => {
+                        drop(open);
+                        answer(request, pages);
+                    }
+                    Err(_) => {
+                        open.remove(&peer);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn answer(request: tiny_http::Request, pages: &Pages) {
+    let allowed = pages.web.allows(&request, &pages.accepted);
+    respond(
+        request,
+        &pages.registry,
+        pages.discovery.as_deref(),
+        allowed,
+    );
 }
 
 fn respond(

@@ -181,14 +181,7 @@ pub fn bench(args: BenchArgs, flags: DbFlags) -> anyhow::Result<ExitCode> {
         return chaos::bench(args, flags);
     }
     let exe = std::env::current_exe().context("finding the litework executable")?;
-    let config = |msg: &str| litework::Error::Config(msg.to_string());
-    if args.workers == 0 {
-        return Err(config("--workers must be at least 1").into());
-    }
     let concurrency = args.concurrency.unwrap_or(4);
-    if concurrency == 0 {
-        return Err(config("--concurrency must be at least 1").into());
-    }
     let items = args.items.unwrap_or(200_000);
     let (dir, temporary) = bench_dir(args.dir.as_deref(), "bench")?;
     let result = repeat(&exe, &dir, &args, items, concurrency, flags);

@@ -171,11 +171,11 @@ fn usage_errors_exit_2_and_change_nothing() {
         ),
         (
             &["worker", "-c", "0", "--", "true"],
-            "--concurrency must be at least 1",
+            "'--concurrency <CONCURRENCY>': must be at least 1",
         ),
         (
             &["worker", "--lease", "100ms", "--", "true"],
-            "--lease must be at least 300ms",
+            "'--lease <LEASE>': must be at least 300ms",
         ),
         (
             &["worker", "--", "no-such-program-here"],
@@ -191,6 +191,45 @@ fn usage_errors_exit_2_and_change_nothing() {
         sb.lw(args).run_expect(2).assert_stderr_has(needle);
     }
     assert_eq!(sb.items(), before);
+}
+
+/// `run --input` adds its input only once every other option passed: a
+/// refused option must not leave the items queued (a second attempt with
+/// `--no-dedupe` would then queue them twice).
+#[test]
+fn run_refuses_its_options_before_adding_its_input() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a port");
+    let busy_addr = busy.local_addr().expect("its address").to_string();
+    let cases: [(&[&str], &str); 5] = [
+        (&["-w", "0"], "'--workers <WORKERS>': must be at least 1"),
+        (
+            &["-c", "0"],
+            "'--concurrency <CONCURRENCY>': must be at least 1",
+        ),
+        (
+            &["--lease", "1ms"],
+            "'--lease <LEASE>': must be at least 300ms",
+        ),
+        (&["--web-config", "no-such-web.yml"], "no-such-web.yml"),
+        (&["--metrics-addr", &busy_addr], &busy_addr),
+    ];
+    for (options, needle) in cases {
+        let sb = Sandbox::new();
+        let list = sb.write("list.txt", "a\nb\nc\n");
+        let out = sb
+            .lw(["run", "--input"])
+            .arg(&list)
+            .args(options)
+            .args(["--", "true"])
+            .run_expect(2);
+        out.assert_stderr_has(needle);
+        assert!(
+            !sb.db().exists(),
+            "{options:?} was refused, yet the database was made:\n{}",
+            out.report("")
+        );
+        assert_eq!(sb.files_starting_with("queue.db"), Vec::<String>::new());
+    }
 }
 
 #[test]

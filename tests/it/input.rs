@@ -105,6 +105,21 @@ fn malformed_json_line_adds_nothing_and_is_named() {
     assert_eq!(pending, 2, "the maintained count is unchanged too");
 }
 
+/// A delay past what a duration holds was a panic: exit 101 naming no
+/// line, and the staging file of a new database left behind.
+#[test]
+fn an_overlong_delay_is_refused_by_line_and_leaves_no_file() {
+    let sb = Sandbox::new();
+    let file = sb.write(
+        "batch.jsonl",
+        "{\"payload\":\"one\"}\n{\"payload\":\"two\",\"delay\":1e20}\n",
+    );
+    let out = sb.lw(["add", "--format", "jsonl"]).arg(&file).run_expect(2);
+    out.assert_stderr_has("batch.jsonl: line 2: \"delay\" must be seconds");
+    assert!(!sb.db().exists());
+    assert_eq!(sb.files_starting_with("queue.db"), Vec::<String>::new());
+}
+
 #[test]
 fn invalid_utf8_in_lines_adds_nothing_and_is_named() {
     let sb = Sandbox::new();

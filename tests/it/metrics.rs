@@ -186,3 +186,45 @@ fn workers_started_with_poll_only_find_items_by_polling_alone() {
     run.signal(libc::SIGTERM);
     run.wait(0);
 }
+
+/// A client that sends scrape after scrape on one connection and never
+/// reads the answers blocks only itself: another client is answered, and
+/// the worker still exits when told to. (The answers were written on the
+/// one thread that also took new requests, so it hung for good, and so
+/// did the process waiting for that thread at exit.)
+#[test]
+fn a_client_that_never_reads_blocks_neither_other_scrapes_nor_the_exit() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let sb = Sandbox::new();
+    sb.add("lines", "a\n", &[]);
+    let worker = sb.lw(["worker", "--follow", "--", "true"]).spawn();
+    wait_until("the item is done", DEADLINE, || sb.count("done") == 1);
+    let addr = worker_metrics_addr(&sb);
+    let one = get(&addr, "/metrics").1.len();
+
+    // Far more answer bytes than the socket buffers of both ends hold, so
+    // that the writer of these answers must block.
+    let scrapes = (64 << 20) / one.max(1) + 1;
+    let mut stuck = std::net::TcpStream::connect(&addr).expect("connecting");
+    let requests = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").repeat(scrapes);
+    let fd = stuck.as_raw_fd();
+    std::thread::spawn(move || {
+        // Never joined: it may block on a full buffer until the worker exits.
+        let _ = stuck.write_all(requests.as_bytes());
+        std::thread::park();
+        drop(stuck);
+    });
+    wait_until("answers pile up unread", DEADLINE, || {
+        let mut unread: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int; the stream is open (parked above).
+        unsafe { libc::ioctl(fd, libc::FIONREAD, &mut unread) };
+        unread as usize > one
+    });
+
+    let (status, body) = get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    assert!(body.contains("litework_items_claimed_total"), "{body}");
+    worker.signal(libc::SIGTERM);
+    worker.wait(0);
+}
