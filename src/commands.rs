@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use anyhow::Context;
 use base64::Engine;
 
 use litework::exec::{CommandSpec, Keeper, Limits, PayloadMode};
-use litework::input::{Defaults, Format, Records};
+use litework::input::{Defaults, Format, Records, Spool};
 use litework::metrics::{Exporter, WebConfig};
 use litework::queue::{self, AddReport, Backoff, ItemRow, NewItem, Queue, StatusReport};
 use litework::supervisor::{Supervisor, SupervisorConfig};
@@ -158,7 +158,7 @@ fn add(
         Some(Ok(_)) => {}
     }
     let report = if db.exists() {
-        Queue::open_with(db, &opts)?.add(records, max_attempts)?
+        add_to_existing(db, records, max_attempts, &opts)?
     } else {
         add_to_new(db, records, max_attempts, &opts)?
     };
@@ -170,6 +170,37 @@ fn add(
         report.duplicates
     );
     Ok(report)
+}
+
+/// Adds to a queue that exists. The input is read to its end into a spool
+/// file first, and only then added in one transaction: the write lock is
+/// held for as long as the inserts take, never for as long as the input
+/// takes to arrive. A slow producer (`slow-script | litework add -`) would
+/// otherwise keep every worker from recording, heartbeating or claiming
+/// until their leases expired under them.
+fn add_to_existing(
+    db: &Path,
+    records: impl Iterator<Item = litework::Result<NewItem>>,
+    max_attempts: u32,
+    opts: &queue::Options,
+) -> anyhow::Result<AddReport> {
+    // Opened first: a file that is not a litework queue is refused before
+    // any input is read.
+    let queue = Queue::open_with(db, opts)?;
+    let dir = db.parent().unwrap_or(Path::new("."));
+    let spool = Spool::fill(dir, records)?;
+    Ok(queue.add(spool.items()?, max_attempts)?)
+}
+
+/// A name beside `db` for a staging file of this process.
+fn staging_name(db: &Path) -> PathBuf {
+    let mut name = db.file_name().unwrap_or(db.as_os_str()).to_owned();
+    name.push(format!(
+        ".adding-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    db.with_file_name(name)
 }
 
 /// Adds to a database that does not exist yet without ever showing a
@@ -184,13 +215,7 @@ fn add_to_new(
     max_attempts: u32,
     opts: &queue::Options,
 ) -> anyhow::Result<AddReport> {
-    let mut name = db.file_name().unwrap_or(db.as_os_str()).to_owned();
-    name.push(format!(
-        ".adding-{}-{:08x}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    let staging = db.with_file_name(name);
+    let staging = staging_name(db);
     // The staging file is written through one plain connection, checkpointed
     // and closed before it is linked: SQLite finds -wal and -shm files by
     // name but shares locks by inode, so no connection to it may stay.

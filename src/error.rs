@@ -105,6 +105,15 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The file an input is read into before it is added (see
+    /// `input::Spool`) could not be written or read back.
+    #[error("{path}: cannot keep the input aside before adding it: {source}")]
+    Spool {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// Writing an export or listing failed.
     #[error("writing output: {source}")]
     Output {

@@ -14,6 +14,7 @@
 //! number; the caller adds nothing of that input.
 
 use std::io::BufRead;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine;
@@ -282,6 +283,175 @@ fn read_bounded<R: BufRead>(
     }
 }
 
+/// An input read to its end and checked, kept in an unnamed file until it
+/// is added: `litework add` to an existing queue takes the write lock only
+/// once the whole input is in, so that a slow producer cannot hold every
+/// worker up. Memory stays flat; the file is removed from its directory
+/// as soon as it is made, so nothing is left behind whatever happens.
+pub struct Spool {
+    file: std::io::BufWriter<std::fs::File>,
+    path: PathBuf,
+    items: u64,
+}
+
+impl Spool {
+    /// Reads `records` into a new spool file in `dir`, stopping at the
+    /// first bad record and returning its error.
+    pub fn fill<I>(dir: &Path, records: I) -> Result<Spool>
+    where
+        I: IntoIterator<Item = Result<NewItem>>,
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join(format!(
+            ".litework-spool-{}-{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        let fail = |source| Error::Spool {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(fail)?;
+        std::fs::remove_file(&path).map_err(fail)?;
+        let mut spool = Spool {
+            file: std::io::BufWriter::with_capacity(256 * 1024, file),
+            path: path.clone(),
+            items: 0,
+        };
+        for item in records {
+            spool.push(&item?).map_err(fail)?;
+        }
+        Ok(spool)
+    }
+
+    /// Items read.
+    pub fn len(&self) -> u64 {
+        self.items
+    }
+
+    /// Returns true if and only if the input held no items.
+    pub fn is_empty(&self) -> bool {
+        self.items == 0
+    }
+
+    fn push(&mut self, item: &NewItem) -> std::io::Result<()> {
+        use std::io::Write;
+        let f = &mut self.file;
+        let bytes = |f: &mut std::io::BufWriter<std::fs::File>, b: &[u8]| {
+            f.write_all(&(b.len() as u64).to_le_bytes())?;
+            f.write_all(b)
+        };
+        bytes(f, &item.payload)?;
+        match &item.key {
+            Some(k) => {
+                f.write_all(&[1])?;
+                bytes(f, k.as_bytes())?;
+            }
+            None => f.write_all(&[0])?,
+        }
+        f.write_all(&[u8::from(item.key_from_payload)])?;
+        f.write_all(&item.priority.to_le_bytes())?;
+        f.write_all(&item.max_attempts.map_or(0, |n| n.max(1)).to_le_bytes())?;
+        match item.delay {
+            Some(d) => {
+                f.write_all(&[1])?;
+                f.write_all(&d.as_secs().to_le_bytes())?;
+                f.write_all(&d.subsec_nanos().to_le_bytes())?;
+            }
+            None => f.write_all(&[0])?,
+        }
+        self.items += 1;
+        Ok(())
+    }
+
+    /// The items, in input order. An error reading the file back ends the
+    /// iteration with that error.
+    pub fn items(self) -> Result<impl Iterator<Item = Result<NewItem>>> {
+        use std::io::Seek;
+        let path = self.path;
+        let fail = |source| Error::Spool {
+            path: path.clone(),
+            source,
+        };
+        let mut file = self.file.into_inner().map_err(|e| fail(e.into_error()))?;
+        file.seek(std::io::SeekFrom::Start(0)).map_err(fail)?;
+        let mut reader = std::io::BufReader::with_capacity(256 * 1024, file);
+        let mut left = self.items;
+        Ok(std::iter::from_fn(move || {
+            if left == 0 {
+                return None;
+            }
+            left -= 1;
+            let item = read_item(&mut reader).map_err(|source| Error::Spool {
+                path: path.clone(),
+                source,
+            });
+            if item.is_err() {
+                left = 0;
+            }
+            Some(item)
+        }))
+    }
+}
+
+/// One item as [`Spool::push`] wrote it.
+fn read_item(r: &mut impl std::io::Read) -> std::io::Result<NewItem> {
+    use std::io::Read;
+    fn array<const N: usize>(r: &mut impl Read) -> std::io::Result<[u8; N]> {
+        let mut b = [0u8; N];
+        r.read_exact(&mut b)?;
+        Ok(b)
+    }
+    fn bytes(r: &mut impl Read) -> std::io::Result<Vec<u8>> {
+        let len = u64::from_le_bytes(array(r)?);
+        let mut b = Vec::new();
+        r.by_ref().take(len).read_to_end(&mut b)?;
+        if b.len() as u64 != len {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(b)
+    }
+    let payload = bytes(r)?;
+    let key = match array::<1>(r)? {
+        [0] => None,
+        _ => Some(
+            String::from_utf8(bytes(r)?)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?,
+        ),
+    };
+    let key_from_payload = array::<1>(r)? != [0];
+    let priority = i64::from_le_bytes(array(r)?);
+    let max_attempts = match u32::from_le_bytes(array(r)?) {
+        0 => None,
+        n => Some(n),
+    };
+    let delay = match array::<1>(r)? {
+        [0] => None,
+        _ => {
+            let secs = u64::from_le_bytes(array(r)?);
+            let nanos = u32::from_le_bytes(array(r)?);
+            if nanos >= 1_000_000_000 {
+                return Err(std::io::ErrorKind::InvalidData.into());
+            }
+            Some(Duration::new(secs, nanos))
+        }
+    };
+    Ok(NewItem {
+        payload,
+        key,
+        key_from_payload,
+        priority,
+        max_attempts,
+        delay,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,6 +505,35 @@ mod tests {
             let err = parse(bad, Format::Jsonl).remove(0).unwrap_err().to_string();
             assert!(err.contains(want), "{err} should contain {want}");
         }
+    }
+
+    #[test]
+    fn a_spool_gives_back_every_field_of_every_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut full = NewItem::new(b"\0\xff bytes\n".to_vec()).key("k\u{e9}");
+        full.priority = -7;
+        full.max_attempts = Some(9);
+        full.delay = Some(Duration::new(12, 345_678_901));
+        let mut by_payload = NewItem::new("plain");
+        by_payload.key_from_payload = true;
+        let items = vec![full, by_payload, NewItem::new(Vec::new())];
+        let spool = Spool::fill(dir.path(), items.clone().into_iter().map(Ok)).unwrap();
+        assert_eq!(spool.len(), 3);
+        // Unlinked as soon as made: nothing in the directory.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let back: Vec<NewItem> = spool.items().unwrap().map(|r| r.unwrap()).collect();
+        assert_eq!(back, items);
+    }
+
+    #[test]
+    fn a_spool_stops_at_the_first_bad_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let got = parse(
+            b"{\"payload\":\"a\"}\n{\"payload\":1,\"delay\":-1}\n",
+            Format::Jsonl,
+        );
+        let err = Spool::fill(dir.path(), got).err().unwrap().to_string();
+        assert!(err.contains("line 2"), "{err}");
     }
 
     #[test]

@@ -902,6 +902,10 @@ impl Session {
     /// Adds items, all in one transaction: if any element of `items` is an
     /// error, nothing is added and that error is returned. Items whose key is
     /// already present are counted as duplicates and left alone.
+    ///
+    /// The write lock is held while `items` is drained, so it should yield
+    /// quickly: read a slow source into an [`crate::input::Spool`] first,
+    /// as `litework add` does, or every worker waits for it.
     pub fn add<I>(&mut self, items: I, default_max_attempts: u32) -> Result<AddReport>
     where
         I: IntoIterator<Item = Result<NewItem>>,

@@ -225,6 +225,61 @@ fn blocked_in_read(pid: i32) -> bool {
     syscall.split(' ').next() == Some(&libc::SYS_read.to_string())
 }
 
+/// A named pipe in the sandbox: an input that arrives as slowly as the
+/// test writes it.
+fn fifo(sb: &Sandbox, name: &str) -> std::path::PathBuf {
+    let fifo = sb.path(name);
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: mkfifo(3) with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    fifo
+}
+
+/// The write end of `fifo`, once a reader opened it. Opening it without
+/// blocking fails until the reader is there, so a reader that never opens
+/// its input cannot hang the test.
+fn feed(fifo: &Path) -> std::fs::File {
+    let mut feed = None;
+    wait_until("the reader opened its input", DEADLINE, || {
+        feed = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo)
+            .ok();
+        feed.is_some()
+    });
+    feed.unwrap()
+}
+
+/// `add` to a queue that exists reads its whole input before it takes the
+/// write lock, so a producer that stops half-way does not keep the other
+/// writers (workers' heartbeats, records and claims) out until their
+/// leases expire.
+#[test]
+fn a_slow_producer_does_not_keep_other_writers_out() {
+    let sb = Sandbox::new();
+    sb.add("lines", "existing\n", &[]);
+    let fifo = fifo(&sb, "slow.txt");
+    let slow = sb.lw(["add"]).arg(&fifo).spawn();
+    let mut feed = feed(&fifo);
+    feed.write_all(b"first\n").unwrap();
+    wait_until("the slow add waits for its second line", DEADLINE, || {
+        unread(&feed) == 0 && blocked_in_read(slow.pid())
+    });
+    // Nobody else writes: with the lock free this add needs no wait at
+    // all, and if the slow add held the lock it would give up (exit 3).
+    sb.lw(["--busy-timeout", "300ms", "add"])
+        .stdin("other\n")
+        .run()
+        .assert_stderr_has("added 1 item");
+    feed.write_all(b"second\n").unwrap();
+    drop(feed);
+    slow.wait(0).assert_stderr_has("added 2 items");
+    let payloads: Vec<Vec<u8>> = sb.items().into_iter().map(|i| i.payload).collect();
+    let want: [&[u8]; 4] = [b"existing", b"other", b"first", b"second"];
+    assert_eq!(payloads, want.map(<[u8]>::to_vec));
+}
+
 /// Bytes written to a pipe and not read yet.
 fn unread(pipe: &std::fs::File) -> libc::c_int {
     let mut n: libc::c_int = 0;
@@ -240,28 +295,14 @@ fn unread(pipe: &std::fs::File) -> libc::c_int {
 #[test]
 fn refused_add_leaves_a_database_another_add_is_using() {
     let sb = Sandbox::new();
-    let fifo = sb.path("slow.jsonl");
-    let c_path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
-    // SAFETY: mkfifo(3) with a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let fifo = fifo(&sb, "slow.jsonl");
     let good = sb.write(
         "good.jsonl",
         "{\"payload\":\"kept-1\"}\n{\"payload\":\"kept-2\"}\n",
     );
 
     let slow = sb.lw(["add", "--format", "jsonl"]).arg(&fifo).spawn();
-    // Opening the write end without blocking fails until the reader is
-    // there, so a slow add that never opens its input cannot hang the test.
-    let mut feed = None;
-    wait_until("the slow add opened its input", DEADLINE, || {
-        feed = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&fifo)
-            .ok();
-        feed.is_some()
-    });
-    let mut feed = feed.unwrap();
+    let mut feed = feed(&fifo);
     feed.write_all(b"{\"payload\":\"first\"}\n").unwrap();
     // Having taken the first line, the slow add does what it does before
     // reading on (today: creates the database and opens its transaction).
