@@ -143,6 +143,11 @@ pub enum Error {
     )]
     CrashLoop { crashes: u32 },
 
+    /// The system refused a process or a thread (no memory, a process or
+    /// file limit reached, the executable gone): not the caller's input.
+    #[error("{0}")]
+    Start(String),
+
     /// A worker or command setting that cannot work.
     #[error("{0}")]
     Config(String),

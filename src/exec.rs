@@ -652,7 +652,7 @@ impl Keeper {
             .process_group(0)
             .spawn()
             .map_err(|e| {
-                Error::Config(format!("cannot start {} keep-groups: {e}", exe.display()))
+                Error::Start(format!("cannot start {} keep-groups: {e}", exe.display()))
             })?;
         let pipe = child
             .stdin

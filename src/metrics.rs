@@ -672,7 +672,7 @@ impl Bound {
                 accept(&serving, &pages);
                 drop(ending);
             })
-            .map_err(|e| Error::Config(format!("cannot start the metrics thread: {e}")))?;
+            .map_err(|e| Error::Start(format!("cannot start the metrics thread: {e}")))?;
         Ok(Exporter {
             server,
             addr: self.addr,

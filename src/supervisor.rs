@@ -173,7 +173,7 @@ impl Supervisor {
             );
         }
         for slot in &mut slots {
-            self.start(slot)?;
+            self.start_or_wait(slot);
         }
 
         loop {
@@ -287,9 +287,10 @@ impl Supervisor {
                         SlotState::Running { .. } => false,
                     };
                     if due && (open || self.config.follow) {
-                        self.start(slot)?;
-                        restarts += 1;
-                        self.metrics.restarts.inc();
+                        if self.start_or_wait(slot) {
+                            restarts += 1;
+                            self.metrics.restarts.inc();
+                        }
                     } else if due && matches!(slot.state, SlotState::Waiting { .. }) {
                         slot.state = SlotState::Finished;
                     }
@@ -391,6 +392,27 @@ impl Supervisor {
     }
 
     /// Starts the worker of `slot` under a fresh identity.
+    /// Starts the slot's worker; returns false if it could not be started
+    /// (no process or memory left, the executable gone), which counts as a
+    /// crash without progress: the slot tries again after its backoff, and
+    /// a run whose every slot keeps failing ends as a crash loop. One
+    /// failed start must not end a long run whose other workers are fine.
+    fn start_or_wait(&self, slot: &mut Slot) -> bool {
+        let Err(e) = self.start(slot) else {
+            return true;
+        };
+        slot.fruitless += 1;
+        let delay = self
+            .config
+            .restart_backoff
+            .delay(slot.fruitless.saturating_sub(1));
+        warn!(slot = slot.n, error = %e, next_in = ?delay, "cannot start a worker; will try again");
+        slot.state = SlotState::Waiting {
+            until: Instant::now() + delay,
+        };
+        false
+    }
+
     fn start(&self, slot: &mut Slot) -> Result<()> {
         slot.id = format!("{}.{}", crate::worker::new_worker_id(), slot.n);
         let mut cmd = Command::new(&self.config.exe);
@@ -403,7 +425,7 @@ impl Supervisor {
             .stdin(Stdio::piped())
             .process_group(0);
         let mut child = cmd.spawn().map_err(|e| {
-            Error::Config(format!(
+            Error::Start(format!(
                 "cannot start worker {}: {e}",
                 self.config.exe.display()
             ))

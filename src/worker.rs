@@ -418,7 +418,7 @@ impl Worker {
                 })
             })
             .collect::<std::io::Result<_>>()
-            .map_err(|e| Error::Config(format!("cannot start executor threads: {e}")))?;
+            .map_err(|e| Error::Start(format!("cannot start executor threads: {e}")))?;
 
         let watch = if self.config.watch_commits {
             match CommitWatch::start(self.queue.path()) {

@@ -265,3 +265,43 @@ fn sigterm_drains_within_the_deadline_and_leaves_nothing_running() {
         out.stderr
     );
 }
+
+/// A worker that cannot be started (here: the executable is gone for a
+/// while, as under a process limit or an upgrade) is tried again after
+/// the restart backoff; it does not end the run, which finishes once the
+/// worker can start again.
+#[test]
+fn a_worker_that_cannot_be_started_is_tried_again_and_the_run_goes_on() {
+    let sb = Sandbox::new();
+    let exe = sb.path("lw-copy");
+    std::fs::copy(env!("CARGO_BIN_EXE_litework"), &exe).expect("copying litework");
+    sb.write("items.txt", "1\n");
+    let run = crate::util::Cmd::new(&exe, sb.dir())
+        .env("DIR", sb.dir())
+        .arg("--db")
+        .arg(sb.db())
+        .args(["run", "--input", "items.txt", "-w", "1", "-c", "1"])
+        .args(["--shell", "--", BLOCK_UNTIL_GO])
+        .spawn();
+    wait_until("the item started", DEADLINE, || {
+        sb.files_starting_with("started-").len() == 1
+    });
+    let away = sb.path("lw-away");
+    std::fs::rename(&exe, &away).expect("moving litework away");
+    let (_, pid) = live_workers(&sb).remove(0);
+    // SAFETY: kill(2) on a worker pid read from the database; the worker
+    // is a child of the supervisor, which has not reaped it yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    wait_until("a restart fails", DEADLINE, || {
+        run.stderr_so_far()
+            .contains("cannot start a worker; will try again")
+    });
+    std::fs::rename(&away, &exe).expect("moving litework back");
+    std::fs::write(sb.path("go"), "").expect("creating go");
+    let out = run.wait(0);
+    assert!(
+        run_summary(&out.stderr).contains("1 done, 0 failed"),
+        "{}",
+        out.stderr
+    );
+}
