@@ -483,6 +483,9 @@ impl Worker {
             state.bail();
         }
         let abandoned = !state.in_flight.is_empty();
+        // Outcomes (releases included) that never reached the database: the
+        // leases are still ours there.
+        let unrecorded = state.finished.len();
         let report = state.report.clone();
         drop(state);
         if !abandoned {
@@ -491,10 +494,24 @@ impl Worker {
             }
         }
         let stopped = session.worker_stopped(&self.id);
-        // Nothing of ours runs any more (threads left behind by `abandon`
-        // had their items released): the file has served.
-        crate::queue::running::remove_slots(self.queue.path(), &self.id);
+        if unrecorded == 0 {
+            // Nothing of ours runs any more (threads left behind by
+            // `abandon` had their items released): the file has served.
+            crate::queue::running::remove_slots(self.queue.path(), &self.id);
+        } else if let Some(slots) = &slots {
+            // Without it, whoever requeues the leases would charge each an
+            // attempt as if it had been running.
+            slots.keep();
+        }
         result?;
+        if unrecorded > 0 {
+            // Not a clean exit: a supervisor takes the leases back at once
+            // instead of waiting for them to expire.
+            return Err(Error::Unrecorded {
+                outcomes: unrecorded,
+                cause: "the database refused the releases at shutdown".into(),
+            });
+        }
         stopped?;
         info!(
             worker = %self.id, done = report.done, retried = report.retried,

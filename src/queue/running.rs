@@ -9,8 +9,9 @@
 //! own 16-byte slot of a shared memory map of `<db>-running-<worker id>`:
 //! two stores, no system call. The page cache keeps what was written
 //! after the process is gone; whoever requeues the dead worker's items
-//! reads the file, then removes it. A worker that stops cleanly removes
-//! it too.
+//! reads the file, then removes it. A worker that stops with every lease
+//! recorded or released removes it too; one whose last writes the
+//! database refused leaves it for whoever requeues those leases.
 //!
 //! Without the file (it could not be made, or the worker runs on another
 //! machine) every held item is charged, as if it had been running.
@@ -26,7 +27,7 @@ pub struct Cells {
     path: PathBuf,
     map: *mut AtomicI64,
     len: usize,
-    remove_on_drop: bool,
+    remove_on_drop: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: the map is only accessed through atomics, and stays mapped until
@@ -80,7 +81,7 @@ impl Cells {
             path,
             map: map.cast(),
             len,
-            remove_on_drop,
+            remove_on_drop: remove_on_drop.into(),
         })
     }
 
@@ -112,7 +113,7 @@ impl Drop for Cells {
         unsafe {
             libc::munmap(self.map.cast(), self.len * 8);
         }
-        if self.remove_on_drop {
+        if self.remove_on_drop.load(Ordering::Acquire) {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -175,6 +176,13 @@ impl RunningSlots {
                 .store(token, Ordering::Release);
             self.cells.cell(2 * slot).store(id, Ordering::Release);
         }
+    }
+
+    /// Leaves the file in place when dropped: the worker stops with leases
+    /// it could not record or release, and whoever requeues them later
+    /// needs the file to tell the running items from those claimed ahead.
+    pub fn keep(&self) {
+        self.cells.remove_on_drop.store(false, Ordering::Release);
     }
 
     /// Executor `slot` runs nothing.

@@ -384,6 +384,66 @@ fn disk_full_is_a_clear_error_and_processing_resumes_when_room_returns() {
     assert_eq!(check, "ok");
 }
 
+/// A worker told twice to stop while the disk is full cannot release its
+/// item. It says so, exits 3 (not cleanly), and leaves its file of running
+/// items behind, so that the requeue afterwards sees that nothing was
+/// running any more and gives the attempt back, as the release would
+/// have. (It used to remove the file on its way out, and the requeue then
+/// charged every held item as if it had killed its worker.)
+#[test]
+#[ignore = "needs root to mount a tmpfs; .ci/run runs it"]
+fn a_worker_stopped_on_a_full_disk_leaves_what_it_ran_for_the_requeue() {
+    let sb = Sandbox::new();
+    let args = ["-t", "tmpfs", "-o", "size=2m", "litework-test"];
+    let _tmpfs = Mount::new(&args, sb.dir()).unwrap_or_else(|e| panic!("{e}"));
+    sb.add("lines", "item-1\n", &[]);
+    let worker = sb
+        .lw([
+            "worker",
+            "-c",
+            "1",
+            "--worker-id",
+            "W",
+            "--drain-timeout",
+            "1h",
+        ])
+        .args(["--shell", "--", BLOCK_UNTIL_GO])
+        .spawn();
+    wait_until("the item has started", DEADLINE, || {
+        sb.files_starting_with("started-").len() == 1
+    });
+    let filler = sb.path("filler");
+    fill(&filler);
+
+    worker.signal(libc::SIGTERM);
+    wait_until("the worker drains", DEADLINE, || {
+        worker.stderr_so_far().contains("draining")
+    });
+    worker.signal(libc::SIGTERM);
+    let out = worker.wait(3);
+    out.assert_stderr_has("outcomes were not recorded");
+    let running_file = "queue.db-running-57"; // "W" in hex
+    assert_eq!(sb.files_starting_with(running_file), [running_file]);
+    let item = sb.only_item();
+    let held = (
+        item.status.as_str(),
+        item.attempts,
+        item.lease_owner.as_deref(),
+    );
+    assert_eq!(held, ("running", 1, Some("W")), "still leased: {item:?}");
+
+    std::fs::remove_file(&filler).unwrap();
+    sb.lw(["requeue-stale", "--worker", "W"]).run();
+    let item = sb.only_item();
+    assert_eq!(
+        (item.status.as_str(), item.attempts),
+        ("pending", 0),
+        "{item:?}"
+    );
+    assert_eq!(sb.attempts(), [], "no attempt charged");
+    assert_eq!(sb.files_starting_with(running_file), Vec::<String>::new());
+}
+
 /// Far past the 16 MiB default of `--max-record`: the line is refused by
 /// number as soon as the limit is passed, without keeping it whole.
 #[test]
