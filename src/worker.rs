@@ -1292,6 +1292,13 @@ impl Loop<'_> {
         if let Some(at) = self.cancelled_all {
             consider(at + ABANDON_AFTER);
         }
+        if self.stopping.is_none() && held > k {
+            // Items claimed ahead wait for an executor: look for ones that
+            // waited past HOLD_LIMIT as often as `hand_back_stale` looks,
+            // or with slow items nothing would wake us before the next
+            // heartbeat while other workers sit idle.
+            consider(self.last_hand_back + HOLD_LIMIT / 10);
+        }
         if self.trouble.is_none() {
             if let Some(at) = self.last_sweep {
                 consider(at + self.cfg.sweep_interval);
@@ -1578,7 +1585,8 @@ mod tests {
 
     #[test]
     fn items_claimed_ahead_go_back_when_the_work_turns_slow() {
-        let (dir, queue) = queue_with(2100);
+        // More slow items than the worker claims ahead: it is never idle.
+        let (dir, queue) = queue_with(7000);
         let gate = Gate::default();
         let held = gate.clone();
         let handler = move |job: &Job, _: &Cancel| {
@@ -1588,10 +1596,18 @@ mod tests {
             Outcome::Done(Vec::new())
         };
         let (_keep, stop) = crossbeam_channel::bounded(1);
-        let worker = Worker::new(queue.clone(), config(1), handler);
+        // No heartbeat or sweep for an hour: the hand-back must not wait
+        // for one to wake the worker.
+        let config = WorkerConfig {
+            lease: Duration::from_secs(3 * 3600),
+            sweep_interval: Duration::from_secs(3600),
+            ..config(1)
+        };
+        let worker = Worker::new(queue.clone(), config, handler);
         let run = std::thread::spawn(move || worker.run(stop));
         // The fast items grew the batch, so the slow ones were claimed
-        // ahead; stuck behind the one running, they must be handed back.
+        // ahead; stuck behind the one running, they must be handed back
+        // within about HOLD_LIMIT.
         let watch = rusqlite::Connection::open(dir.path().join("q.db")).unwrap();
         let slow = || -> (i64, i64) {
             watch
@@ -1620,7 +1636,7 @@ mod tests {
         }
         gate.open();
         let report = run.join().unwrap().unwrap();
-        assert_eq!(report.done, 2100);
+        assert_eq!(report.done, 7000);
         assert!(report.released > 0, "{report:?}");
         // A handed-back item got its attempt back.
         let most: i64 = watch
