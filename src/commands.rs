@@ -79,7 +79,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Init => {
             open(true)?;
-            eprintln!("{}: ready", cli.db.display());
+            note!("{}: ready", cli.db.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Add(args) => {
@@ -163,7 +163,7 @@ fn add(
         add_to_new(db, records, max_attempts, &opts)?
     };
     let noun = if report.added == 1 { "item" } else { "items" };
-    eprintln!(
+    note!(
         "{}: added {} {noun} ({} already present)",
         db.display(),
         report.added,
@@ -313,7 +313,7 @@ fn run(
     progress.finish();
 
     let s = &summary.status;
-    eprintln!(
+    note!(
         "litework run: {} done, {} failed, {} pending, {} running; {} items finished in {:.1}s \
          ({:.1} items/s), {} retries, {} worker restarts",
         s.done,
@@ -327,7 +327,7 @@ fn run(
         summary.restarts
     );
     if s.failed > 0 {
-        eprintln!(
+        note!(
             "failed items: litework --db {} list --status failed",
             shell_word(&db.display().to_string())
         );
@@ -522,9 +522,14 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let report = worker.run(stop)?;
     keeper.finish();
     if !args.supervised {
-        eprintln!(
+        note!(
             "worker {}: {} done, {} retried, {} failed, {} lost leases, {} released",
-            report.id, report.done, report.retried, report.failed, report.lost, report.released
+            report.id,
+            report.done,
+            report.retried,
+            report.failed,
+            report.lost,
+            report.released
         );
     }
     Ok(if report.failed > 0 {
@@ -609,13 +614,13 @@ fn retry(queue: Queue, args: RetryArgs) -> anyhow::Result<ExitCode> {
     let mut session = queue.session()?;
     if args.ids.is_empty() {
         let n = session.retry_failed()?;
-        eprintln!("{} failed items back to pending", n);
+        note!("{} failed items back to pending", n);
     } else {
         let report = session.retry_ids(&args.ids)?;
-        eprintln!("{} items back to pending", report.retried);
+        note!("{} items back to pending", report.retried);
         if !report.running.is_empty() {
             let ids: Vec<String> = report.running.iter().map(i64::to_string).collect();
-            eprintln!(
+            note!(
                 "left running (their worker still holds them): {}",
                 ids.join(", ")
             );
@@ -629,7 +634,7 @@ fn requeue(queue: Queue, args: RequeueArgs) -> anyhow::Result<ExitCode> {
         Some(w) => queue.requeue_worker(w)?,
         None => queue.requeue_expired()?,
     };
-    eprintln!(
+    note!(
         "requeued {} items ({} back to pending, {} of them never started; \
          {} out of attempts and now failed)",
         moved.total(),

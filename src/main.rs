@@ -1,6 +1,16 @@
 //! The `litework` binary: parse, set up logging, dispatch, map errors to
 //! exit statuses (documented in `litework --help` and the README).
 
+/// `eprintln!` that lets a closed standard error go (`litework run 2>&1 |
+/// head`): the message is lost, but the exit status stays the command's
+/// instead of a panic's.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod bench;
 mod cli;
 mod commands;
@@ -27,7 +37,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            eprintln!("litework: {}", describe(&err));
+            note!("litework: {}", describe(&err));
             let input = err
                 .chain()
                 .find_map(|e| e.downcast_ref::<litework::Error>())
@@ -72,9 +82,13 @@ fn init_logging(cli: &Cli) {
     };
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("warn,litework={level}")));
+    // A log line that cannot be written is dropped: tracing's own report
+    // of it would go to the same closed stderr, through a panicking
+    // `eprintln!`.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match cli.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_target(false).init(),

@@ -45,7 +45,7 @@ pub fn bench(args: BenchArgs, flags: DbFlags) -> anyhow::Result<ExitCode> {
     if temporary && report.passed {
         let _ = std::fs::remove_dir_all(&dir);
     } else if !report.passed {
-        eprintln!("chaos: the queue and logs are in {}", dir.display());
+        note!("chaos: the queue and logs are in {}", dir.display());
     }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -241,7 +241,7 @@ fn repeat(
             d
         };
         if runs > 1 {
-            eprintln!("bench: run {run} of {runs}");
+            note!("bench: run {run} of {runs}");
         }
         let extras = run == 1;
         reports.push(load(exe, &here, args, items, concurrency, flags, extras)?);
@@ -387,24 +387,24 @@ fn load(
         work: args.work,
         command: &args.command,
     };
-    eprintln!("bench: raw SQLite 100-row update transactions for 1 s");
+    note!("bench: raw SQLite 100-row update transactions for 1 s");
     let raw = raw_updates(&dir.join("raw.db"), flags.durable)?;
 
     let input = dir.join("items.txt");
     write_items(&input, items as u64)?;
     let seed = if args.compare_seed {
-        eprintln!("bench: plain pattern, {items} items");
+        note!("bench: plain pattern, {items} items");
         Some(fleet.run(&dir.join("seed.db"), &input, items, true)?)
     } else {
         None
     };
-    eprintln!("bench: litework, {items} items");
+    note!("bench: litework, {items} items");
     let litework = fleet.run(&dir.join("litework.db"), &input, items, false)?;
     let _ = std::fs::remove_file(&input);
 
     let (pickup, pickup_polling) = match args.pickup {
         Some(n) if n > 0 && extras => {
-            eprintln!("bench: idle cost and pickup latency, {n} items one at a time");
+            note!("bench: idle cost and pickup latency, {n} items one at a time");
             (
                 Some(fleet.pickup(&dir.join("pickup.db"), n, false)?),
                 Some(fleet.pickup(&dir.join("pickup-polling.db"), n, true)?),
@@ -414,7 +414,7 @@ fn load(
     };
     let status_at = match args.status_at {
         Some(n) if n > 0 && extras => {
-            eprintln!("bench: status and scrape at {n} items");
+            note!("bench: status and scrape at {n} items");
             Some(status_at(exe, dir, n, flags)?)
         }
         _ => None,

@@ -305,3 +305,26 @@ fn a_worker_that_cannot_be_started_is_tried_again_and_the_run_goes_on() {
         out.stderr
     );
 }
+
+/// `litework run 2>&1 | head -1`: standard error closed by its reader
+/// before the summary. The run still ends with its own exit status, not
+/// a panic's (101).
+#[test]
+fn a_closed_standard_error_does_not_change_the_exit_status() {
+    let sb = Sandbox::new();
+    sb.write("items.txt", numbers(20));
+    let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_litework"))
+        .current_dir(sb.dir())
+        .arg("--db")
+        .arg(sb.db())
+        .args(["run", "--input", "items.txt", "-w", "2", "--", "true"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting litework run");
+    drop(run.stderr.take());
+    let status = run.wait().expect("waiting for litework run");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(sb.count("done"), 20);
+}
