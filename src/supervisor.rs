@@ -200,6 +200,9 @@ impl Supervisor {
                     )));
                 }
                 if clean {
+                    // It ran to its end: whatever crashes came before, the
+                    // slot is not crash-looping now.
+                    slot.fruitless = 0;
                     slot.state = SlotState::Finished;
                     continue;
                 }
