@@ -132,7 +132,8 @@ pub enum Error {
     /// A worker told to stop twice while the database refused writes.
     #[error(
         "stopped while the database refused writes ({cause}); {outcomes} outcomes were \
-         not recorded and those items' leases will expire"
+         not recorded: those items go back to pending when their leases are taken back \
+         (at once under `litework run`, else once they expire)"
     )]
     Unrecorded { outcomes: usize, cause: String },
 

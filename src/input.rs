@@ -307,10 +307,7 @@ impl Spool {
             std::process::id(),
             fastrand::u32(..)
         ));
-        let fail = |source| Error::Spool {
-            path: path.clone(),
-            source,
-        };
+        let fail = |source| spool_error(&path, source);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -375,10 +372,7 @@ impl Spool {
     pub fn items(self) -> Result<impl Iterator<Item = Result<NewItem>>> {
         use std::io::Seek;
         let path = self.path;
-        let fail = |source| Error::Spool {
-            path: path.clone(),
-            source,
-        };
+        let fail = |source| spool_error(&path, source);
         let mut file = self.file.into_inner().map_err(|e| fail(e.into_error()))?;
         file.seek(std::io::SeekFrom::Start(0)).map_err(fail)?;
         let mut reader = std::io::BufReader::with_capacity(256 * 1024, file);
@@ -388,15 +382,27 @@ impl Spool {
                 return None;
             }
             left -= 1;
-            let item = read_item(&mut reader).map_err(|source| Error::Spool {
-                path: path.clone(),
-                source,
-            });
+            let item = read_item(&mut reader).map_err(|source| spool_error(&path, source));
             if item.is_err() {
                 left = 0;
             }
             Some(item)
         }))
+    }
+}
+
+/// A spool file that could not be written or read back. A full disk is
+/// said as every other one is, naming the directory.
+fn spool_error(path: &Path, source: std::io::Error) -> Error {
+    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+    match source.kind() {
+        StorageFull | QuotaExceeded => Error::Full {
+            path: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        },
+        _ => Error::Spool {
+            path: path.to_path_buf(),
+            source,
+        },
     }
 }
 

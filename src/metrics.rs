@@ -539,9 +539,16 @@ impl WebConfig {
             return false;
         };
         // bcrypt is slow on purpose; remember the headers already checked
-        // so that a scrape every few seconds does not cost a core.
-        let mut seen = accepted.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.contains(&value) {
+        // so that a scrape every few seconds does not cost a core. The
+        // list is not locked while bcrypt runs: a client sending wrong
+        // passwords must not hold up the others.
+        let seen = |value: &String| {
+            accepted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(value)
+        };
+        if seen(&value) {
             return true;
         }
         let Some(encoded) = value.strip_prefix("Basic ") else {
@@ -561,10 +568,13 @@ impl WebConfig {
             .get(user)
             .is_some_and(|hash| bcrypt::verify(password, hash).unwrap_or(false));
         if ok {
-            if seen.len() >= 16 {
-                seen.remove(0);
+            let mut seen = accepted.lock().unwrap_or_else(|p| p.into_inner());
+            if !seen.contains(&value) {
+                if seen.len() >= 16 {
+                    seen.remove(0);
+                }
+                seen.push(value);
             }
-            seen.push(value);
         }
         ok
     }
@@ -730,6 +740,9 @@ fn accept(server: &tiny_http::Server, pages: &Arc<Pages>) {
                 open.insert(peer, tx);
             }
             Err(e) => {
+                // No thread to spare (a process limit reached): answered
+                // here, where a client that does not read its answer would
+                // stall every scrape again. Better than no answer at all.
                 tracing::warn!(error = %e, "metrics: cannot start a connection thread");
                 drop(open);
                 answer(request, pages);

@@ -394,7 +394,6 @@ impl Supervisor {
         })
     }
 
-    /// Starts the worker of `slot` under a fresh identity.
     /// Starts the slot's worker; returns false if it could not be started
     /// (no process or memory left, the executable gone), which counts as a
     /// crash without progress: the slot tries again after its backoff, and
@@ -416,6 +415,7 @@ impl Supervisor {
         false
     }
 
+    /// Starts the worker of `slot` under a fresh identity.
     fn start(&self, slot: &mut Slot) -> Result<()> {
         slot.id = format!("{}.{}", crate::worker::new_worker_id(), slot.n);
         let mut cmd = Command::new(&self.config.exe);

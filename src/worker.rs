@@ -486,6 +486,7 @@ impl Worker {
         // Outcomes (releases included) that never reached the database: the
         // leases are still ours there.
         let unrecorded = state.finished.len();
+        let trouble = state.trouble.as_ref().map(|t| t.last.clone());
         let report = state.report.clone();
         drop(state);
         if !abandoned {
@@ -509,7 +510,7 @@ impl Worker {
             // instead of waiting for them to expire.
             return Err(Error::Unrecorded {
                 outcomes: unrecorded,
-                cause: "the database refused the releases at shutdown".into(),
+                cause: trouble.unwrap_or_else(|| "the database refused the releases".into()),
             });
         }
         stopped?;
@@ -1625,7 +1626,7 @@ mod tests {
         loop {
             let (pending, running) = slow();
             claimed_ahead |= running >= 10;
-            if claimed_ahead && pending >= 90 && running <= 2 {
+            if claimed_ahead && running <= 2 {
                 break;
             }
             assert!(

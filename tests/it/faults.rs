@@ -363,7 +363,12 @@ fn disk_full_is_a_clear_error_and_processing_resumes_when_room_returns() {
 
     std::fs::remove_file(&filler).unwrap();
     let out = worker.wait(0);
-    assert_eq!(summary(&out.stderr).counts(), (8, 0, 0, 0, 0));
+    assert_eq!(
+        summary(&out.stderr).counts(),
+        (8, 0, 0, 0, 0),
+        "{}",
+        out.stderr
+    );
     assert!(
         !out.stderr.contains("database is locked"),
         "{}",
@@ -397,17 +402,11 @@ fn a_worker_stopped_on_a_full_disk_leaves_what_it_ran_for_the_requeue() {
     let args = ["-t", "tmpfs", "-o", "size=2m", "litework-test"];
     let _tmpfs = Mount::new(&args, sb.dir()).unwrap_or_else(|e| panic!("{e}"));
     sb.add("lines", "item-1\n", &[]);
+    // Its own id: a worker that stops uncleanly has its keeper kill every
+    // process that carries its id, the other test's worker "W" included.
     let worker = sb
-        .lw([
-            "worker",
-            "-c",
-            "1",
-            "--worker-id",
-            "W",
-            "--drain-timeout",
-            "1h",
-        ])
-        .args(["--shell", "--", BLOCK_UNTIL_GO])
+        .lw(["worker", "-c", "1", "--worker-id", "F"])
+        .args(["--drain-timeout", "1h", "--shell", "--", BLOCK_UNTIL_GO])
         .spawn();
     wait_until("the item has started", DEADLINE, || {
         sb.files_starting_with("started-").len() == 1
@@ -422,7 +421,7 @@ fn a_worker_stopped_on_a_full_disk_leaves_what_it_ran_for_the_requeue() {
     worker.signal(libc::SIGTERM);
     let out = worker.wait(3);
     out.assert_stderr_has("outcomes were not recorded");
-    let running_file = "queue.db-running-57"; // "W" in hex
+    let running_file = "queue.db-running-46"; // "F" in hex
     assert_eq!(sb.files_starting_with(running_file), [running_file]);
     let item = sb.only_item();
     let held = (
@@ -430,10 +429,10 @@ fn a_worker_stopped_on_a_full_disk_leaves_what_it_ran_for_the_requeue() {
         item.attempts,
         item.lease_owner.as_deref(),
     );
-    assert_eq!(held, ("running", 1, Some("W")), "still leased: {item:?}");
+    assert_eq!(held, ("running", 1, Some("F")), "still leased: {item:?}");
 
     std::fs::remove_file(&filler).unwrap();
-    sb.lw(["requeue-stale", "--worker", "W"]).run();
+    sb.lw(["requeue-stale", "--worker", "F"]).run();
     let item = sb.only_item();
     assert_eq!(
         (item.status.as_str(), item.attempts),
