@@ -8,7 +8,13 @@
 //! Each child leads its own process group. A timeout, a lost lease or a
 //! shutdown kills the whole group, and so does the leader's exit: the
 //! processes of an item never outlive it (and cannot keep its output pipes
-//! open). The executor thread waits in `poll(2)` on the child's pipes and
+//! open). A process that left the group (GNU `timeout` makes a group of
+//! its own, `setsid` a session) is found by the `LITEWORK_WORKER_ID` and
+//! `LITEWORK_ITEM_ID` in its environment and killed too, when the item is
+//! stopped or when such a process still holds the item's output after the
+//! leader exited; one that left the group and let go of the output of an
+//! item that ended by itself is left running (a daemon it started), and
+//! so is one that cleared its environment. The executor thread waits in `poll(2)` on the child's pipes and
 //! on a pidfd, so a finished child is noticed at once without a reaper
 //! thread or a sleep loop. On kernels without `pidfd_open` (before 5.3) the
 //! wait ends when the pipes close instead, so leftover background
@@ -277,7 +283,17 @@ impl CommandSpec {
         if let Some(k) = &self.keeper {
             k.watch(group);
         }
-        let finished = wait_child(child, stdin, self.max_output, self.max_error, cancel);
+        let marks = Marks {
+            worker: format!("LITEWORK_WORKER_ID={}", self.worker_id),
+            item: format!("LITEWORK_ITEM_ID={}", job.id),
+        };
+        let finished = wait_child(
+            child,
+            stdin,
+            (self.max_output, self.max_error),
+            cancel,
+            &marks,
+        );
         if let Some(k) = &self.keeper {
             k.forget(group);
         }
@@ -318,14 +334,22 @@ struct Finished {
     stderr_tail: Vec<u8>,
 }
 
+/// The environment entries every process of one item carries.
+struct Marks {
+    worker: String,
+    item: String,
+}
+
 /// Feeds `stdin`, collects output and waits for the child, killing its
-/// group when `cancel` fires or when the leader exits.
+/// group when `cancel` fires or when the leader exits, and the processes
+/// that left the group when the item was stopped or they still hold its
+/// output.
 fn wait_child(
     mut child: Child,
     stdin: Option<&[u8]>,
-    max_output: usize,
-    max_error: usize,
+    (max_output, max_error): (usize, usize),
     cancel: &Cancel,
+    marks: &Marks,
 ) -> std::io::Result<Finished> {
     let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
     // The hook runs under the cancel lock and is removed (under the same
@@ -338,6 +362,11 @@ fn wait_child(
     if pumped.is_err() {
         kill_group(pid);
     }
+    let escaped = pumped.as_ref().is_ok_and(|p| p.held_open);
+    if escaped || cancel.is_cancelled() {
+        // A /proc walk: only on these rare ends, never per item.
+        kill_strays(&[&marks.worker, &marks.item]);
+    }
 
     // Wait without reaping, so the pid stays ours while the group is killed
     // and the hook removed; only then reap.
@@ -346,12 +375,25 @@ fn wait_child(
     cancel.clear_hook();
     let status = child.wait()?;
     waited?;
-    let (stdout, stderr_tail) = pumped?;
+    let Pumped {
+        stdout,
+        stderr: stderr_tail,
+        ..
+    } = pumped?;
     Ok(Finished {
         status,
         stdout,
         stderr_tail,
     })
+}
+
+/// What [`pump`] collected.
+struct Pumped {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    /// The output pipes were still open a second after the leader exited
+    /// and its group was killed: held by a process outside the group.
+    held_open: bool,
 }
 
 /// Feeds standard input and collects output until both output pipes close.
@@ -362,7 +404,7 @@ fn pump(
     stdin: Option<&[u8]>,
     max_output: usize,
     max_error: usize,
-) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+) -> std::io::Result<Pumped> {
     let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
     let mut out = child.stdout.take().map(Pipe::new);
     let mut err = child.stderr.take().map(Pipe::new);
@@ -382,6 +424,7 @@ fn pump(
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
     let mut leader_gone_at: Option<Instant> = None;
+    let mut held_open = false;
 
     // Also while input is still being fed: a child may close its output
     // early and go on reading.
@@ -411,6 +454,7 @@ fn pump(
             Some(at) => {
                 let left = Duration::from_secs(1).saturating_sub(at.elapsed());
                 if left.is_zero() {
+                    held_open = true;
                     break;
                 }
                 i32::try_from(left.as_millis()).unwrap_or(1000).max(1)
@@ -457,7 +501,11 @@ fn pump(
         }
     }
     drop(input);
-    Ok((stdout, stderr))
+    Ok(Pumped {
+        stdout,
+        stderr,
+        held_open,
+    })
 }
 
 /// A child's output pipe.
@@ -751,7 +799,8 @@ pub fn keep_groups(
         let _ = std::fs::remove_file(path);
     }
     if let (Some(id), false) = (worker_id, clean) {
-        groups.extend(processes_of(id));
+        let mark = format!("LITEWORK_WORKER_ID={id}");
+        groups.extend(processes_with(&[&mark]).into_iter().map(|(_, group)| group));
     }
     for &g in &groups {
         kill_group(g);
@@ -759,13 +808,12 @@ pub fn keep_groups(
     groups.len()
 }
 
-/// Process groups of the processes whose environment has
-/// `LITEWORK_WORKER_ID=id`, read from /proc. A process caught in the
+/// `(pid, process group)` of the processes whose environment has every
+/// one of `marks` (`NAME=value`), read from /proc. A process caught in the
 /// instant between its exec and the setup of its new stack shows an empty
 /// environment and is missed; together with the list the worker keeps,
 /// that leaves only an item spawned in that same instant before a kill.
-fn processes_of(id: &str) -> Vec<i32> {
-    let marker = format!("LITEWORK_WORKER_ID={id}");
+fn processes_with(marks: &[&str]) -> Vec<(i32, i32)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -775,14 +823,30 @@ fn processes_of(id: &str) -> Vec<i32> {
         .filter(|&pid| pid as u32 != me)
         .filter(|pid| {
             let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            environ
-                .split(|&b| b == 0)
-                .any(|var| var == marker.as_bytes())
+            marks
+                .iter()
+                .all(|mark| environ.split(|&b| b == 0).any(|var| var == mark.as_bytes()))
         })
         // SAFETY: getpgid on any pid; -1 if it is gone.
-        .map(|pid| unsafe { libc::getpgid(pid) })
-        .filter(|&g| g > 1)
+        .map(|pid| (pid, unsafe { libc::getpgid(pid) }))
+        .filter(|&(_, g)| g > 1)
         .collect()
+}
+
+/// Kills the processes marked with all of `marks`: with their group where
+/// they lead it (a group they made when they left the item's), else alone,
+/// as the group they joined may hold other programs.
+fn kill_strays(marks: &[&str]) {
+    for (pid, group) in processes_with(marks) {
+        if group == pid {
+            kill_group(group);
+        } else {
+            // SAFETY: plain syscall; a process that is gone gives ESRCH.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
 }
 
 /// Finds `program` the way `execvp` will, so that a typo is an error at

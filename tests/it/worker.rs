@@ -313,6 +313,35 @@ fn timeout_kills_the_item_and_everything_it_started() {
     );
 }
 
+/// A process that left the item's process group and let go of its
+/// output (`setsid`, or GNU `timeout`, which makes a group of its own)
+/// still dies with the item on a timeout: it carries the item's id.
+#[test]
+fn timeout_kills_what_left_the_items_process_group_too() {
+    let sb = Sandbox::new();
+    sb.add("lines", "slow\n", &["--max-attempts", "1"]);
+
+    let stray = format!(r#"echo $$ > "$DIR/stray.pid"; {LINGER}"#);
+    let script = format!(
+        r#"setsid -f sh -c '{stray}' </dev/null >/dev/null 2>&1; {LINGER}"#,
+        stray = stray.replace('\'', r#"'\''"#)
+    );
+    let out = sb
+        .lw(["worker", "-c", "1", "--timeout", "1s"])
+        .args(["--", "sh", "-c", &script, "sh"])
+        .run_expect(1);
+    assert_eq!(summary(&out.stderr).counts(), (0, 0, 1, 0, 0));
+    assert_eq!(sb.attempts()[0].outcome, "timeout");
+
+    // LINGER ends with the sandbox, should the test fail.
+    let stray = read_pid(&sb.path("stray.pid"));
+    wait_until(
+        &format!("the process {stray} that left the item's group is gone"),
+        DEADLINE,
+        || process_gone(stray),
+    );
+}
+
 #[test]
 fn higher_priority_items_run_first_and_ties_in_the_order_added() {
     let sb = Sandbox::new();
