@@ -251,11 +251,15 @@ impl CommandSpec {
                 cmd.pre_exec(move || limits.apply());
             }
         }
+        // Both only where the environment can hold them: a key made from
+        // a large payload would make the spawn fail (E2BIG), a NUL fail it
+        // outright.
+        let fits = |v: &[u8]| v.len() <= MAX_ENV_PAYLOAD && !v.contains(&0);
         match &job.key {
-            Some(k) => cmd.env("LITEWORK_KEY", k),
-            None => cmd.env_remove("LITEWORK_KEY"),
+            Some(k) if fits(k.as_bytes()) => cmd.env("LITEWORK_KEY", k),
+            _ => cmd.env_remove("LITEWORK_KEY"),
         };
-        if job.payload.len() <= MAX_ENV_PAYLOAD && !job.payload.contains(&0) {
+        if fits(&job.payload) {
             cmd.env("LITEWORK_PAYLOAD", OsStr::from_bytes(&job.payload));
         } else {
             cmd.env_remove("LITEWORK_PAYLOAD");
@@ -293,10 +297,8 @@ impl CommandSpec {
             (self.max_output, self.max_error),
             cancel,
             &marks,
+            self.keeper.as_deref(),
         );
-        if let Some(k) = &self.keeper {
-            k.forget(group);
-        }
         match finished {
             Ok(finished) => self.outcome(finished),
             Err(e) => Outcome::Retry(format!("waiting for {:?}: {e}", self.program)),
@@ -350,6 +352,7 @@ fn wait_child(
     (max_output, max_error): (usize, usize),
     cancel: &Cancel,
     marks: &Marks,
+    keeper: Option<&Keeper>,
 ) -> std::io::Result<Finished> {
     let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
     // The hook runs under the cancel lock and is removed (under the same
@@ -373,6 +376,11 @@ fn wait_child(
     let waited = wait_exited_no_reap(pid);
     kill_group(pid);
     cancel.clear_hook();
+    // Off the keeper's list before the pid is freed: should the worker die
+    // right after the reap, its keeper must not kill a group that reused it.
+    if let Some(k) = keeper {
+        k.forget(child.id());
+    }
     let status = child.wait()?;
     waited?;
     let Pumped {

@@ -198,6 +198,31 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// `LITEWORK_KEY` is left out where the environment cannot hold it, as
+/// `LITEWORK_PAYLOAD` is: a key made from a 200 kB payload made the spawn
+/// fail (E2BIG), and a key with a NUL byte failed it every attempt.
+#[test]
+fn keys_the_environment_cannot_hold_are_left_out_of_it() {
+    let sb = Sandbox::new();
+    let big = "x".repeat(200_000);
+    sb.add("lines", format!("{big}\n"), &["--key-from-payload"]);
+    sb.add(
+        "jsonl",
+        "{\"payload\":\"nul\",\"key\":\"a\\u0000b\"}\n{\"payload\":\"plain\",\"key\":\"k\"}\n",
+        &[],
+    );
+    let script = r#"cat > /dev/null; printf %s "${LITEWORK_KEY-unset}""#;
+    sb.lw(["worker", "-c", "1", "--stdin", "--", "sh", "-c", script])
+        .run();
+    let results: Vec<(String, Option<Vec<u8>>)> = sb
+        .items()
+        .into_iter()
+        .map(|i| (i.status, i.result))
+        .collect();
+    let want = |r: &[u8]| ("done".to_string(), Some(r.to_vec()));
+    assert_eq!(results, [want(b"unset"), want(b"unset"), want(b"k")]);
+}
+
 #[test]
 fn megabyte_payload_passes_through_stdin_byte_for_byte() {
     let sb = Sandbox::new();
