@@ -8,13 +8,19 @@
 //! Times are integer milliseconds since the Unix epoch. The views at the
 //! end of migration 1 exist for people who debug a run with `sqlite3`.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Transaction};
 
 /// "lwrk" in ASCII: marks a file as a litework database.
 pub const APPLICATION_ID: i32 = 0x6C77_726B;
 
+/// One step of the schema: SQL, or code where SQL cannot say it.
+pub enum Migration {
+    Sql(&'static str),
+    Code(fn(&Transaction<'_>) -> rusqlite::Result<()>),
+}
+
 /// Migrations in order; `MIGRATIONS[n]` brings version `n` to `n + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2];
+pub const MIGRATIONS: &[Migration] = &[Migration::Sql(V1), Migration::Sql(V2), Migration::Code(v3)];
 
 /// The schema version this build writes and understands.
 pub fn latest() -> i64 {
@@ -183,6 +189,27 @@ UPDATE counts SET n = (SELECT count(*) FROM items WHERE items.status = counts.st
 ALTER TABLE items ADD COLUMN given_back INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Columns that versions 1 and 2 gained after some files had already been
+/// made at those versions (a build of litework from the day each was
+/// written): `workers.finished` in version 1, `items.given_back` in
+/// version 2. Such a file has the version number but not the column, and
+/// a worker fails on its first write. Each is added where it is missing.
+fn v3(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    for (table, column) in [("workers", "finished"), ("items", "given_back")] {
+        let present: bool = tx.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+            [table, column],
+            |r| r.get(0),
+        )?;
+        if !present {
+            tx.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0"
+            ))?;
+        }
+    }
+    Ok(())
+}
+
 /// What the header of an opened file says it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Identity {
@@ -216,8 +243,11 @@ pub fn identify(conn: &Connection) -> rusqlite::Result<Identity> {
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    for (from, sql) in MIGRATIONS.iter().enumerate().skip(current.max(0) as usize) {
-        tx.execute_batch(sql)?;
+    for (from, step) in MIGRATIONS.iter().enumerate().skip(current.max(0) as usize) {
+        match step {
+            Migration::Sql(sql) => tx.execute_batch(sql)?,
+            Migration::Code(f) => f(&tx)?,
+        }
         tx.pragma_update(None, "user_version", from as i64 + 1)?;
     }
     tx.pragma_update(None, "application_id", APPLICATION_ID)?;

@@ -549,7 +549,7 @@ fn a_version_1_file_is_migrated_with_its_counts_and_waiting_items() {
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
             .unwrap();
         let tx = conn.transaction().unwrap();
-        tx.execute_batch(schema::MIGRATIONS[0]).unwrap();
+        tx.execute_batch(schema_sql(0)).unwrap();
         tx.pragma_update(None, "user_version", 1).unwrap();
         tx.pragma_update(None, "application_id", schema::APPLICATION_ID)
             .unwrap();
@@ -579,6 +579,69 @@ fn a_version_1_file_is_migrated_with_its_counts_and_waiting_items() {
     assert_eq!(claimed[0].payload, b"ready");
     assert!(s.next_ready_at().unwrap().is_some(), "'later' still waits");
     assert_eq!(real_counts(&queue), kept_counts(&queue));
+}
+
+/// The SQL of migration `n`.
+fn schema_sql(n: usize) -> &'static str {
+    match schema::MIGRATIONS[n] {
+        schema::Migration::Sql(sql) => sql,
+        schema::Migration::Code(_) => panic!("migration {n} is code"),
+    }
+}
+
+/// Files made by the builds that wrote versions 1 and 2 before they were
+/// final lack a column (`workers.finished`, `items.given_back`): version 3
+/// adds it, and the writes that use it work.
+#[test]
+fn files_made_before_a_version_was_final_get_its_missing_column() {
+    for (version, table, column) in [(1, "workers", "finished"), (2, "items", "given_back")] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("early.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+                .unwrap();
+            let tx = conn.transaction().unwrap();
+            for n in 0..version {
+                tx.execute_batch(schema_sql(n)).unwrap();
+            }
+            tx.execute_batch(&format!("ALTER TABLE {table} DROP COLUMN {column}"))
+                .unwrap();
+            tx.pragma_update(None, "user_version", version as i64)
+                .unwrap();
+            tx.pragma_update(None, "application_id", schema::APPLICATION_ID)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let queue = Queue::open(&path).unwrap();
+        add(&queue, &["a"]);
+        let mut s = queue.session().unwrap();
+        let version: i64 = s
+            .connection()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, schema::latest());
+        // Uses workers.finished (the turn) and items.given_back (the
+        // requeue of an item claimed and never started).
+        s.register_worker(&WorkerInfo {
+            id: "w".into(),
+            pid: 1,
+            host: "h".into(),
+            metrics_addr: None,
+        })
+        .unwrap();
+        let job = queue.claim("w", 1, LEASE).unwrap().remove(0);
+        let done = Completion::Done { result: Vec::new() };
+        let turn = Turn {
+            finished: vec![(job, done)],
+            ..Turn::default()
+        };
+        s.turn("w", LEASE, &turn).unwrap();
+        add(&queue, &["b"]);
+        queue.claim("w", 1, LEASE).unwrap();
+        queue.requeue_worker("w").unwrap();
+        assert_eq!(real_counts(&queue), kept_counts(&queue));
+    }
 }
 
 #[test]
