@@ -9,8 +9,10 @@
 //! shutdown kills the whole group, and so does the leader's exit: the
 //! processes of an item never outlive it (and cannot keep its output pipes
 //! open). A process that left the group (GNU `timeout` makes a group of
-//! its own, `setsid` a session) is found by the `LITEWORK_WORKER_ID` and
-//! `LITEWORK_ITEM_ID` in its environment and killed too, when the item is
+//! its own, `setsid` a session) is found by the `LITEWORK_ATTEMPT_ID` in
+//! its environment (random for each run of an item, so that a worker of
+//! another queue with the same worker and item ids is never taken for
+//! it) and killed too, when the item is
 //! stopped or when such a process still holds the item's output after the
 //! leader exited; one that left the group and let go of the output of an
 //! item that ended by itself is left running (a daemon it started), and
@@ -222,6 +224,7 @@ impl CommandSpec {
             }
         }
 
+        let attempt_id = format!("{:016x}", fastrand::u64(..));
         let mut cmd = std::process::Command::new(&self.resolved);
         // The program sees its name as it was given, not the resolved path.
         cmd.arg0(&self.program)
@@ -230,6 +233,7 @@ impl CommandSpec {
             .env("LITEWORK_ATTEMPT", job.attempt.to_string())
             .env("LITEWORK_MAX_ATTEMPTS", job.max_attempts.to_string())
             .env("LITEWORK_WORKER_ID", &self.worker_id)
+            .env("LITEWORK_ATTEMPT_ID", &attempt_id)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .stdin(if self.mode == PayloadMode::Stdin {
@@ -287,16 +291,13 @@ impl CommandSpec {
         if let Some(k) = &self.keeper {
             k.watch(group);
         }
-        let marks = Marks {
-            worker: format!("LITEWORK_WORKER_ID={}", self.worker_id),
-            item: format!("LITEWORK_ITEM_ID={}", job.id),
-        };
+        let mark = format!("LITEWORK_ATTEMPT_ID={attempt_id}");
         let finished = wait_child(
             child,
             stdin,
             (self.max_output, self.max_error),
             cancel,
-            &marks,
+            &mark,
             self.keeper.as_deref(),
         );
         match finished {
@@ -336,12 +337,6 @@ struct Finished {
     stderr_tail: Vec<u8>,
 }
 
-/// The environment entries every process of one item carries.
-struct Marks {
-    worker: String,
-    item: String,
-}
-
 /// Feeds `stdin`, collects output and waits for the child, killing its
 /// group when `cancel` fires or when the leader exits, and the processes
 /// that left the group when the item was stopped or they still hold its
@@ -351,7 +346,7 @@ fn wait_child(
     stdin: Option<&[u8]>,
     (max_output, max_error): (usize, usize),
     cancel: &Cancel,
-    marks: &Marks,
+    mark: &str,
     keeper: Option<&Keeper>,
 ) -> std::io::Result<Finished> {
     let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
@@ -368,7 +363,7 @@ fn wait_child(
     let escaped = pumped.as_ref().is_ok_and(|p| p.held_open);
     if escaped || cancel.is_cancelled() {
         // A /proc walk: only on these rare ends, never per item.
-        kill_strays(&[&marks.worker, &marks.item]);
+        kill_strays(&[mark]);
     }
 
     // Wait without reaping, so the pid stays ours while the group is killed
