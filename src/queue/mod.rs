@@ -1752,6 +1752,8 @@ fn requeue_owner(
                 moved.add(charge(Some(lease))?);
             }
             let p = params![owner, cutoff, None::<i64>, None::<i64>, now, kind];
+            tx.prepare_cached(&sql::never_started_history(expired))?
+                .execute(p)?;
             let m = count_statuses(tx, &sql::never_started(expired), p)?;
             moved.add(Requeued {
                 never_started: m.total(),

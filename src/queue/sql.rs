@@ -203,6 +203,19 @@ RETURNING status",
     )
 }
 
+/// History rows for the leases [`never_started`] charges rather than
+/// gives back: an item held at every death, past its give-backs.
+pub fn never_started_history(expired: bool) -> String {
+    format!(
+        "INSERT INTO attempts (item_id, attempt, worker, started_at, ended_at, outcome, error)
+SELECT id, attempts, lease_owner, started_at, ?5, 'lost',
+       'held by worker ' || lease_owner || ' each time it died (' || (given_back + 1) || ' times)'
+FROM items
+WHERE {} AND ?6 IS NOT NULL AND given_back >= max_attempts",
+        leases_of(false, expired)
+    )
+}
+
 /// Workers holding leases that expired before ?1.
 pub const EXPIRED_OWNERS: &str = "
 SELECT DISTINCT lease_owner FROM items WHERE status = 'running' AND lease_expires < ?1";

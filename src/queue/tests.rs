@@ -777,7 +777,7 @@ fn an_item_held_at_every_death_is_charged_in_the_end() {
         after.push((row.status.clone(), row.attempts));
     }
     // Given back twice (max_attempts), then charged: attempts 1, then 2 and
-    // out of attempts.
+    // out of attempts. Only the charged ones are in the history.
     assert_eq!(
         after,
         [
@@ -799,6 +799,21 @@ fn an_item_held_at_every_death_is_charged_in_the_end() {
             .contains("each time it died"),
         "{row:?}"
     );
+    let history: Vec<(i64, String, String)> = queue
+        .session()
+        .unwrap()
+        .connection()
+        .prepare("SELECT attempt, worker, error FROM attempts ORDER BY rowid")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    let held = |attempt, worker: &str, times| {
+        let error = format!("held by worker {worker} each time it died ({times} times)");
+        (attempt, worker.to_string(), error)
+    };
+    assert_eq!(history, [held(1, "w2", 3), held(2, "w3", 4)]);
     assert_eq!(real_counts(&queue), kept_counts(&queue));
 }
 
