@@ -215,6 +215,16 @@ fn add_to_new(
     max_attempts: u32,
     opts: &queue::Options,
 ) -> anyhow::Result<AddReport> {
+    // Said of the database, not of the staging file the error would name.
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(litework::Error::BadPath {
+                path: db.to_path_buf(),
+                reason: format!("no such directory {}", dir.display()),
+            }
+            .into());
+        }
+    }
     let staging = staging_name(db);
     // The staging file is written through one plain connection, checkpointed
     // and closed before it is linked: SQLite finds -wal and -shm files by
@@ -225,6 +235,11 @@ fn add_to_new(
         Ok(()) => Ok(report),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Queue::open_with(db, opts)
             .and_then(|q| q.take_items_from(&staging))
+            .map(|moved| AddReport {
+                // The staging file kept one of each key already.
+                duplicates: moved.duplicates + report.duplicates,
+                ..moved
+            })
             .map_err(Into::into),
         Err(e) => Err(anyhow::Error::new(e).context(format!("{}: cannot create", db.display()))),
     };
@@ -631,7 +646,17 @@ fn retry(queue: Queue, args: RetryArgs) -> anyhow::Result<ExitCode> {
 
 fn requeue(queue: Queue, args: RequeueArgs) -> anyhow::Result<ExitCode> {
     let moved = match &args.worker {
-        Some(w) => queue.requeue_worker(w)?,
+        Some(w) => {
+            // A mistyped id would requeue nothing and say so as if done.
+            if !queue.session()?.knows_worker(w)? {
+                return Err(litework::Error::NoSuchWorker {
+                    path: queue.path().to_path_buf(),
+                    id: w.clone(),
+                }
+                .into());
+            }
+            queue.requeue_worker(w)?
+        }
         None => queue.requeue_expired()?,
     };
     note!(

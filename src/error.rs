@@ -129,6 +129,10 @@ pub enum Error {
     #[error("no item with id {}", join_ids(.ids))]
     NoSuchItems { ids: Vec<i64> },
 
+    /// A worker id the queue has never seen: no worker row, no lease.
+    #[error("{path}: no worker {id:?} has registered in this queue or holds a lease in it")]
+    NoSuchWorker { path: PathBuf, id: String },
+
     /// A worker told to stop twice while the database refused writes.
     #[error(
         "stopped while the database refused writes ({cause}); {outcomes} outcomes were \
@@ -177,6 +181,7 @@ impl Error {
                 | Error::InputIo { .. }
                 | Error::EmptyInput { .. }
                 | Error::NoSuchItems { .. }
+                | Error::NoSuchWorker { .. }
                 | Error::Config(_)
         )
     }

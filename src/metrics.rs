@@ -398,7 +398,7 @@ impl QueueCollector {
             )),
             oldest: check(Gauge::new(
                 "litework_queue_oldest_ready_age_seconds",
-                "How long the next item to run has been waiting; 0 when none is ready.",
+                "Time since the next item to run was added; 0 when none is ready.",
             )),
             db_bytes: check(IntGauge::new(
                 "litework_database_size_bytes",

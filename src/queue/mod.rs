@@ -1153,6 +1153,19 @@ impl Session {
         Ok(u64::try_from(n.unwrap_or(0)).unwrap_or(0))
     }
 
+    /// Returns true if and only if `id` registered as a worker of this
+    /// queue or holds a lease in it.
+    pub fn knows_worker(&mut self, id: &str) -> Result<bool> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM workers WHERE id = ?1)
+                     OR EXISTS (SELECT 1 FROM items WHERE status = 'running' AND lease_owner = ?1)",
+                [id],
+                |r| r.get(0),
+            )
+            .map_err(|e| Error::sqlite(&self.path, e))
+    }
+
     /// `(worker id, metrics address)` of the running workers that serve
     /// metrics: what service discovery lists.
     pub fn metrics_targets(&mut self) -> Result<Vec<(String, String)>> {
@@ -1386,7 +1399,9 @@ impl Session {
                 .prepare_cached(sql::RETRY)
                 .map_err(|e| Error::sqlite(&path, e))?;
             let mut moves = Moves::default();
-            for &id in ids {
+            let mut seen = std::collections::HashSet::new();
+            // Each id once: `retry 5 5` retries one item.
+            for &id in ids.iter().filter(|&&id| seen.insert(id)) {
                 let status: Option<String> = status_of
                     .query_row(params![id], |r| r.get(0))
                     .optional()

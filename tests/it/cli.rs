@@ -163,7 +163,7 @@ fn usage_errors_exit_2_and_change_nothing() {
     let sb = Sandbox::new();
     sb.add("lines", "x\n", &[]);
     let before = sb.items();
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["frobnicate"], "unrecognized subcommand"),
         (
             &["worker", "--no-such-flag", "--", "true"],
@@ -182,6 +182,10 @@ fn usage_errors_exit_2_and_change_nothing() {
             "command not found",
         ),
         (&["retry", "42"], "no item with id 42"),
+        (
+            &["requeue-stale", "--worker", "nope"],
+            "no worker \"nope\" has registered",
+        ),
         (
             &["--busy-timeout", "0s", "worker", "--", "true"],
             "--busy-timeout <BUSY_TIMEOUT>': must be more than zero",

@@ -120,6 +120,23 @@ fn directory_as_database_is_refused() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
 }
 
+/// The error names the database given, not the staging file `add` would
+/// have written beside it.
+#[test]
+fn a_database_in_a_missing_directory_is_refused_by_its_own_name() {
+    let sb = Sandbox::new();
+    let db = sb.path("no-such-dir").join("q.db");
+    let out = sb
+        .bare()
+        .arg("--db")
+        .arg(&db)
+        .arg("add")
+        .stdin("x\n")
+        .run_expect(2);
+    out.assert_stderr_has(&format!("{}: no such directory", db.display()));
+    assert!(!sb.path("no-such-dir").exists());
+}
+
 #[test]
 fn missing_database_is_not_created_by_reading_verbs() {
     let sb = Sandbox::new();

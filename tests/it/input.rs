@@ -280,6 +280,26 @@ fn a_slow_producer_does_not_keep_other_writers_out() {
     assert_eq!(payloads, want.map(<[u8]>::to_vec));
 }
 
+/// Two adds race for a new file: the one that finds the file made by the
+/// other moves its items in, and still counts the duplicates its own
+/// input held.
+#[test]
+fn an_add_that_loses_the_race_for_a_new_file_counts_its_duplicates() {
+    let sb = Sandbox::new();
+    let fifo = fifo(&sb, "slow.txt");
+    let slow = sb.lw(["add", "--key-from-payload"]).arg(&fifo).spawn();
+    let mut feed = feed(&fifo);
+    feed.write_all(b"a\na\nb\n").unwrap();
+    wait_until("the slow add waits for more input", DEADLINE, || {
+        unread(&feed) == 0 && blocked_in_read(slow.pid())
+    });
+    sb.add("lines", "c\n", &[]);
+    drop(feed);
+    slow.wait(0)
+        .assert_stderr_has("added 2 items (1 already present)");
+    assert_eq!(sb.items().len(), 3);
+}
+
 /// Bytes written to a pipe and not read yet.
 fn unread(pipe: &std::fs::File) -> libc::c_int {
     let mut n: libc::c_int = 0;

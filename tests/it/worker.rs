@@ -175,6 +175,10 @@ fn failing_item_is_retried_with_backoff_then_fails_and_retry_revives_it() {
         3,
         "the history of the failed run is kept"
     );
+
+    // By id, given twice: one item, counted once.
+    let again = sb.lw(["retry", "1", "1"]).run();
+    again.assert_stderr_has("1 items back to pending");
 }
 
 #[test]
