@@ -207,17 +207,20 @@ impl CommandSpec {
     pub fn run(&self, job: &Job, cancel: &Cancel) -> Outcome {
         let payload_in_argv = self.mode != PayloadMode::Stdin || self.args_have_payload();
         if payload_in_argv {
+            // Under --stdin only a `{}` in the command puts it in an argument.
+            let hint = if self.mode == PayloadMode::Stdin {
+                "take {} out of the command to pass it on standard input only"
+            } else {
+                "use --stdin to pass it on standard input"
+            };
             if job.payload.contains(&0) {
-                return Outcome::Fail(
-                    "payload contains a NUL byte and cannot be a command argument; \
-                     use --stdin to pass it on standard input"
-                        .into(),
-                );
+                return Outcome::Fail(format!(
+                    "payload contains a NUL byte and cannot be a command argument; {hint}"
+                ));
             }
             if job.payload.len() >= MAX_ARG_BYTES {
                 return Outcome::Fail(format!(
-                    "payload is {} bytes; Linux limits one command argument to {} bytes; \
-                     use --stdin to pass it on standard input",
+                    "payload is {} bytes; Linux limits one command argument to {} bytes; {hint}",
                     job.payload.len(),
                     MAX_ARG_BYTES - 1
                 ));
@@ -504,6 +507,10 @@ fn pump(
         }
     }
     drop(input);
+    // The tail is cut while reading only once it is twice its size.
+    if stderr.len() > max_error {
+        stderr.drain(..stderr.len() - max_error);
+    }
     Ok(Pumped {
         stdout,
         stderr,
@@ -538,7 +545,12 @@ fn drain(
     let mut chunk = [0u8; 16 * 1024];
     loop {
         match p.0.read(&mut chunk) {
-            Ok(0) => return Ok(true),
+            Ok(0) => {
+                if tail && buf.len() > cap {
+                    buf.drain(..buf.len() - cap);
+                }
+                return Ok(true);
+            }
             Ok(n) => {
                 if tail {
                     buf.extend_from_slice(&chunk[..n]);
@@ -975,6 +987,35 @@ mod tests {
         );
         assert_eq!(keep_groups(&b""[..], Some(&id), None), 1);
         assert_eq!(spared.wait().unwrap().signal(), Some(libc::SIGKILL));
+    }
+
+    /// All of a child's stderr already in the pipe and the pipe closed:
+    /// read to the end in one go, with no pause to cut the tail at.
+    #[test]
+    fn a_stderr_tail_read_to_its_end_at_once_is_cut_to_its_size() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills two fds that we own from here on.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both fds are fresh and owned by nothing else.
+        let (read, mut write) = unsafe {
+            (
+                OwnedFd::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        };
+        let mut text = vec![b'a'; 6000];
+        text.extend_from_slice(b"END");
+        write.write_all(&text).unwrap();
+        drop(write);
+        let mut pipe = Some(Pipe::new(read));
+        set_nonblocking(pipe.as_ref().unwrap().fd()).unwrap();
+        let mut tail = Vec::new();
+        assert!(
+            drain(&mut pipe, &mut tail, 4096, true).unwrap(),
+            "at its end"
+        );
+        assert_eq!(tail.len(), 4096);
+        assert!(tail.ends_with(b"aaaEND"));
     }
 
     #[test]

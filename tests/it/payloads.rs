@@ -223,6 +223,22 @@ fn keys_the_environment_cannot_hold_are_left_out_of_it() {
     assert_eq!(results, [want(b"unset"), want(b"unset"), want(b"k")]);
 }
 
+/// Under `--stdin` a payload is in an argument only through `{}`: the
+/// error says so rather than pointing at `--stdin`.
+#[test]
+fn a_nul_payload_in_an_argument_under_stdin_points_at_the_braces() {
+    let sb = Sandbox::new();
+    sb.add(
+        "jsonl",
+        "{\"payload_base64\":\"AGI=\"}\n",
+        &["--max-attempts", "1"],
+    );
+    sb.lw(["worker", "-c", "1", "--stdin", "--", "printf", "%s", "{}"])
+        .run_expect(1);
+    let error = sb.only_item().last_error.unwrap_or_default();
+    assert!(error.contains("take {} out of the command"), "{error}");
+}
+
 #[test]
 fn megabyte_payload_passes_through_stdin_byte_for_byte() {
     let sb = Sandbox::new();
