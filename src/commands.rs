@@ -472,6 +472,7 @@ fn worker_spec(args: &WorkerArgs) -> litework::Result<CommandSpec> {
         open_files: args.limit_files,
         file_size: args.limit_file_size,
     };
+    spec.limits.check()?;
     Ok(spec)
 }
 

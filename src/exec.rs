@@ -98,6 +98,40 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// Checks that the limits can be set, by starting `true` under them
+    /// once: a limit above this process's hard limit (without the
+    /// privilege to raise it), or an open-files limit above the system's
+    /// (`nr_open`), would otherwise fail every item's start, each attempt.
+    /// Without a `true` in `PATH` nothing is checked.
+    pub fn check(&self) -> Result<()> {
+        if *self == Limits::default() {
+            return Ok(());
+        }
+        let Ok(program) = resolve_program(OsStr::new("true")) else {
+            return Ok(());
+        };
+        let limits = *self;
+        let mut cmd = std::process::Command::new(program);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: between fork and exec only setrlimit, no allocation.
+        unsafe {
+            cmd.pre_exec(move || limits.apply());
+        }
+        let refused = |e: std::io::Error| {
+            Error::Config(format!(
+                "--limit-*: a command cannot be started under these limits: {e} \
+                 (a limit above this process's hard limit needs privileges; open files \
+                 cannot exceed /proc/sys/fs/nr_open)"
+            ))
+        };
+        let mut child = cmd.spawn().map_err(refused)?;
+        // Its exit status does not matter: it started.
+        child.wait().map_err(refused)?;
+        Ok(())
+    }
+
     /// Applies the limits to the calling process. Runs between fork and
     /// exec: no allocation.
     fn apply(&self) -> std::io::Result<()> {

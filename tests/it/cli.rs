@@ -163,7 +163,7 @@ fn usage_errors_exit_2_and_change_nothing() {
     let sb = Sandbox::new();
     sb.add("lines", "x\n", &[]);
     let before = sb.items();
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["frobnicate"], "unrecognized subcommand"),
         (
             &["worker", "--no-such-flag", "--", "true"],
@@ -182,6 +182,11 @@ fn usage_errors_exit_2_and_change_nothing() {
             "command not found",
         ),
         (&["retry", "42"], "no item with id 42"),
+        (
+            // Past /proc/sys/fs/nr_open, which binds root too.
+            &["worker", "--limit-files", "2000000000", "--", "true"],
+            "a command cannot be started under these limits",
+        ),
         (
             &["requeue-stale", "--worker", "nope"],
             "no worker \"nope\" has registered",
