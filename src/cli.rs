@@ -13,7 +13,7 @@ const EXIT_CODES: &str = "\
 Exit status: 0 success; 1 some items ended failed (worker: items it recorded \
 failed); 2 usage or input error (bad arguments, malformed input, a file that \
 is not a litework database): nothing was changed; 3 a failure while working \
-(I/O, database).";
+(I/O, database); 130 (run) stopped by a signal before the queue drained.";
 
 /// Run large batches of work items across worker processes coordinated
 /// through one SQLite database.
