@@ -28,6 +28,8 @@ struct ChaosReport {
     workers: usize,
     workers_killed: u64,
     supervisor_killed: bool,
+    /// Exit status of the last `litework run`: 0 once every item is done.
+    run_status: Option<i32>,
     wall_s: f64,
     done: i64,
     counts_agree: bool,
@@ -51,7 +53,8 @@ pub fn bench(args: BenchArgs, flags: DbFlags) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "chaos: {} items, {} workers; {} workers and {} supervisor killed; {:.1}s\n\
+            "chaos: {} items, {} workers; {} workers and {} supervisor killed; {:.1}s; \
+             last run exited {}\n\
              done {} of {}, kept counts {}, integrity_check {}, every item ran: {}, \
              extra runs {}\n{}",
             report.items,
@@ -63,6 +66,9 @@ pub fn bench(args: BenchArgs, flags: DbFlags) -> anyhow::Result<ExitCode> {
                 "no"
             },
             report.wall_s,
+            report
+                .run_status
+                .map_or_else(|| "by a signal".to_string(), |c| c.to_string()),
             report.done,
             report.items,
             if report.counts_agree {
@@ -139,9 +145,9 @@ fn chaos(exe: &Path, dir: &Path, args: &BenchArgs, flags: DbFlags) -> anyhow::Re
     let mut run = start()?;
     let mut kills = 0u64;
     let mut supervisor_killed = false;
-    loop {
-        if run.try_wait()?.is_some() {
-            break;
+    let run_status = loop {
+        if let Some(status) = run.try_wait()? {
+            break status.code();
         }
         let (done, workers) = peek(&db);
         if !supervisor_killed && done >= (n / 3) as i64 {
@@ -167,7 +173,7 @@ fn chaos(exe: &Path, dir: &Path, args: &BenchArgs, flags: DbFlags) -> anyhow::Re
         }
         let every = args.kill_every.as_millis() as u64;
         std::thread::sleep(Duration::from_millis(every / 2 + fastrand::u64(..=every)));
-    }
+    };
     let wall_s = started.elapsed().as_secs_f64();
 
     let conn = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -177,10 +183,13 @@ fn chaos(exe: &Path, dir: &Path, args: &BenchArgs, flags: DbFlags) -> anyhow::Re
         [],
         |r| r.get(0),
     )?;
+    // Every status, against a recount.
     let counts_agree: bool = conn.query_row(
-        "SELECT (SELECT n FROM counts WHERE status = 'done') = ?1
-            AND (SELECT sum(n) FROM counts) = (SELECT count(*) FROM items)",
-        [done],
+        "SELECT NOT EXISTS (
+             SELECT 1 FROM counts
+             WHERE n <> (SELECT count(*) FROM items WHERE items.status = counts.status))
+         AND (SELECT sum(n) FROM counts) = (SELECT count(*) FROM items)",
+        [],
         |r| r.get(0),
     )?;
     let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
@@ -190,16 +199,20 @@ fn chaos(exe: &Path, dir: &Path, args: &BenchArgs, flags: DbFlags) -> anyhow::Re
         *runs.entry(line).or_default() += 1;
     }
     let extra_runs = runs.values().map(|n| n - 1).sum();
+    // A run that ended before any worker was killed tested nothing.
     let passed = done == n as i64
         && counts_agree
         && integrity == "ok"
         && runs.len() == n
-        && supervisor_killed;
+        && supervisor_killed
+        && kills > 0
+        && run_status == Some(0);
     Ok(ChaosReport {
         items: n,
         workers: args.workers,
         workers_killed: kills,
         supervisor_killed,
+        run_status,
         wall_s,
         done,
         counts_agree,
