@@ -263,6 +263,9 @@ fn global_args(cli: &Cli) -> Vec<OsString> {
     a
 }
 
+/// The longest the supervisor waits for the write lock in one try.
+const SUPERVISOR_WRITE_WAIT: Duration = Duration::from_millis(250);
+
 fn run(
     db: &Path,
     global: Vec<OsString>,
@@ -322,6 +325,11 @@ fn run(
     let url = format!("http://{}", exporter.addr());
     tracing::info!(metrics = %format!("{url}/metrics"), sd = %format!("{url}/sd"), "serving");
 
+    // The supervisor's own writes (sweeps, taking back a dead worker's
+    // leases) are tried again every turn when the lock is busy; waiting the
+    // whole busy timeout in one would hold up its signals, restarts and
+    // progress as long. Its workers, other processes, keep the full wait.
+    litework::queue::busy::set_limit(opts.busy_timeout.min(SUPERVISOR_WRITE_WAIT));
     let mut progress = Progress::new(args.progress);
     let summary = supervisor.run(stop, &mut |s| progress.tick(s))?;
     drop(exporter);
@@ -473,10 +481,21 @@ fn worker_spec(args: &WorkerArgs) -> litework::Result<CommandSpec> {
         file_size: args.limit_file_size,
     };
     spec.limits.check()?;
+    spec.timeout = args.timeout;
     Ok(spec)
 }
 
 fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    // The only place a signal handler is installed, and the first thing
+    // done: a supervisor stopping at once passes its SIGTERM on to a worker
+    // still starting, which must stop, not die of it. The worker itself
+    // just listens on the channel; a second signal skips the drain.
+    let (tx, stop) = crossbeam_channel::bounded(4);
+    let signalled = tx.clone();
+    ctrlc::set_handler(move || {
+        let _ = signalled.try_send(());
+    })
+    .context("installing the SIGINT/SIGTERM handler")?;
     let mut spec = worker_spec(&args)?;
     let id = args
         .worker_id
@@ -512,9 +531,6 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     worker.advertise_metrics(exporter.addr());
     tracing::debug!(addr = %exporter.addr(), "serving metrics");
 
-    // The only place a signal handler is installed; the worker itself just
-    // listens on a channel. A second signal skips the drain.
-    let (tx, stop) = crossbeam_channel::bounded(4);
     if args.supervised {
         // The supervisor holds the other end of our stdin; end-of-file means
         // it is gone, and we must not outlive it: stop now (two signals).
@@ -530,10 +546,6 @@ fn worker(queue: Queue, args: WorkerArgs) -> anyhow::Result<ExitCode> {
             })
             .context("starting the lifeline thread")?;
     }
-    ctrlc::set_handler(move || {
-        let _ = tx.try_send(());
-    })
-    .context("installing the SIGINT/SIGTERM handler")?;
 
     let report = worker.run(stop)?;
     keeper.finish();

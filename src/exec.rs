@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::queue::running::Cells;
 use crate::queue::Job;
-use crate::worker::{Cancel, Outcome};
+use crate::worker::{Cancel, CancelReason, Outcome};
 
 /// Linux refuses a single argument or environment string longer than
 /// this (`MAX_ARG_STRLEN`, 32 pages).
@@ -79,6 +79,10 @@ pub struct CommandSpec {
     pub keeper: Option<Arc<Keeper>>,
     /// Resource limits set in each item's process before it runs.
     pub limits: Limits,
+    /// The item's `--timeout`, enforced here as well as by the worker's
+    /// loop: that loop may be waiting for the write lock (as long as the
+    /// busy timeout) just when an item's time is up.
+    pub timeout: Option<Duration>,
 }
 
 /// Resource limits for item commands (`setrlimit(2)` in the child before
@@ -207,6 +211,7 @@ impl CommandSpec {
             worker_id: String::new(),
             keeper: None,
             limits: Limits::default(),
+            timeout: None,
         })
     }
 
@@ -329,11 +334,12 @@ impl CommandSpec {
             k.watch(group);
         }
         let mark = format!("LITEWORK_ATTEMPT_ID={attempt_id}");
+        let deadline = self.timeout.map(|t| Instant::now() + t);
         let finished = wait_child(
             child,
             stdin,
             (self.max_output, self.max_error),
-            cancel,
+            (cancel, deadline),
             &mark,
             self.keeper.as_deref(),
         );
@@ -382,7 +388,7 @@ fn wait_child(
     mut child: Child,
     stdin: Option<&[u8]>,
     (max_output, max_error): (usize, usize),
-    cancel: &Cancel,
+    (cancel, deadline): (&Cancel, Option<Instant>),
     mark: &str,
     keeper: Option<&Keeper>,
 ) -> std::io::Result<Finished> {
@@ -393,7 +399,19 @@ fn wait_child(
     // process that reused it.
     cancel.set_hook(Box::new(move || kill_group(pid)));
 
-    let pumped = pump(&mut child, stdin, max_output, max_error);
+    // Past the deadline the item is cancelled as the worker's loop would:
+    // the hook above kills the group.
+    let on_deadline = || {
+        if !cancel.is_cancelled() {
+            cancel.cancel(CancelReason::Timeout);
+        }
+    };
+    let pumped = pump(
+        &mut child,
+        stdin,
+        (max_output, max_error),
+        (deadline, &on_deadline),
+    );
     if pumped.is_err() {
         kill_group(pid);
     }
@@ -442,8 +460,8 @@ struct Pumped {
 fn pump(
     child: &mut Child,
     stdin: Option<&[u8]>,
-    max_output: usize,
-    max_error: usize,
+    (max_output, max_error): (usize, usize),
+    (mut deadline, on_deadline): (Option<Instant>, &dyn Fn()),
 ) -> std::io::Result<Pumped> {
     let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
     let mut out = child.stdout.take().map(Pipe::new);
@@ -500,6 +518,24 @@ fn pump(
                 i32::try_from(left.as_millis()).unwrap_or(1000).max(1)
             }
             None => -1,
+        };
+        let timeout = match deadline {
+            Some(at) => {
+                let left = at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    on_deadline();
+                    deadline = None;
+                    continue;
+                }
+                // Rounded up: waking a little late is fine, early spins.
+                let ms = i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX);
+                if timeout < 0 {
+                    ms
+                } else {
+                    timeout.min(ms)
+                }
+            }
+            None => timeout,
         };
         // SAFETY: `fds` is a valid array of pollfd; negative fds are ignored.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };

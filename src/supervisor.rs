@@ -164,7 +164,7 @@ impl Supervisor {
 
         // Leases left by an earlier run that died are expired or about to
         // be; take back the expired ones before starting.
-        let swept = session.requeue_expired()?;
+        let swept = transient_ok(session.requeue_expired(), Requeued::default())?;
         if swept.total() > 0 {
             info!(
                 pending = swept.pending,
@@ -290,7 +290,11 @@ impl Supervisor {
                         SlotState::Running { .. } => false,
                     };
                     if due && (open || self.config.follow) {
-                        if self.start_or_wait(slot) {
+                        // Waiting: it died (or could not start). A worker
+                        // that had finished and is started again because
+                        // items came back is not a restart.
+                        let after_death = matches!(slot.state, SlotState::Waiting { .. });
+                        if self.start_or_wait(slot) && after_death {
                             restarts += 1;
                             self.metrics.restarts.inc();
                         }
@@ -319,6 +323,7 @@ impl Supervisor {
                 let elapsed = at.elapsed();
                 if stops < 2 && elapsed >= self.config.drain_timeout + Duration::from_secs(2) {
                     stops = 2;
+                    info!("drain timeout passed; telling the workers to stop their items now");
                     signal_all(&mut slots, libc::SIGTERM);
                 }
                 if elapsed >= self.config.drain_timeout + Duration::from_secs(12) {
@@ -378,14 +383,38 @@ impl Supervisor {
             while self.exited.try_recv().is_ok() {}
         }
 
+        // Dead workers whose leases the database refused so far: a few more
+        // tries before leaving them to expire and a later sweep.
+        let give_up = Instant::now() + self.config.drain_timeout.min(Duration::from_secs(10));
+        while !unrequeued.is_empty() && Instant::now() < give_up {
+            unrequeued.retain(|worker| match session.requeue_worker(worker) {
+                Ok(moved) => {
+                    self.metrics
+                        .requeued(RequeueCause::DeadWorker, moved.total());
+                    false
+                }
+                Err(_) => true,
+            });
+            if !unrequeued.is_empty() {
+                std::thread::sleep(TICK);
+            }
+        }
+        for worker in &unrequeued {
+            warn!(%worker, "could not requeue the dead worker's leases; they go back when they expire");
+        }
         if let Some(e) = fatal {
             return Err(e);
         }
         let status = session.status()?;
         progress(&status);
         let finished = (status.done + status.failed).saturating_sub(before.done + before.failed);
+        // Every failed attempt leaves a history row; those of items that
+        // ended failed in this run were not followed by a retry.
+        let failed_here = status.failed.saturating_sub(before.failed);
         Ok(RunSummary {
-            retries: session.attempts_since(started_ms)?,
+            retries: session
+                .attempts_since(started_ms)?
+                .saturating_sub(failed_here),
             finished,
             restarts,
             wall_s: started.elapsed().as_secs_f64(),

@@ -328,3 +328,25 @@ fn a_closed_standard_error_does_not_change_the_exit_status() {
     assert_eq!(status.code(), Some(0));
     assert_eq!(sb.count("done"), 20);
 }
+
+/// The summary's retries are the attempts that were tried again: an
+/// item's last, failed attempt is not one.
+#[test]
+fn the_summary_counts_retries_not_failed_attempts() {
+    let sb = Sandbox::new();
+    sb.write("items.txt", "ok\nflaky\nbad\n");
+    let script = r#"case "$1" in
+        flaky) test "$LITEWORK_ATTEMPT" -gt 2 ;;
+        bad) exit 1 ;;
+    esac"#;
+    let out = sb
+        .lw(["run", "--input", "items.txt", "-w", "1", "-c", "1"])
+        .args(["--max-attempts", "3", "--backoff-base", "10ms"])
+        .args(["--", "sh", "-c", script, "sh"])
+        .run_expect(1);
+    // flaky: 2 failed attempts, both retried; bad: 3, the last one final.
+    assert_eq!(sb.attempts().len(), 5);
+    let summary = run_summary(&out.stderr);
+    assert!(summary.contains("2 done, 1 failed"), "{summary}");
+    assert!(summary.contains(" 4 retries"), "{summary}");
+}

@@ -178,3 +178,51 @@ fn items_of_a_killed_worker_are_swept_and_finished_by_another() {
     let error = history[0].error.clone().unwrap_or_default();
     assert!(error.contains("expired"), "{error:?}");
 }
+
+/// The supervisor's sweep waiting for a write lock another program holds
+/// must not hold up a stop: it passes the signal on while the lock is
+/// still held. (It waited out the whole busy timeout, 60 s, first.)
+#[test]
+fn a_stop_is_passed_on_while_another_program_holds_the_write_lock() {
+    let sb = Sandbox::new();
+    sb.write("items.txt", "1\n2\n");
+    let run = sb
+        .lw(["run", "--input", "items.txt", "-w", "1", "-c", "1"])
+        .args(["--sweep-interval", "100ms", "--shell", "--", BLOCK_UNTIL_GO])
+        .spawn();
+    wait_until("an item started", DEADLINE, || {
+        sb.files_starting_with("started-").len() == 1
+    });
+    let addr = crate::util::supervisor_addr(&run);
+    let busy_waits = || {
+        let (_, body) = crate::util::http_get(&addr, "/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix("litework_sqlite_busy_waits_total "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = busy_waits();
+
+    let other = rusqlite::Connection::open(sb.db()).expect("opening the queue");
+    other
+        .busy_timeout(DEADLINE)
+        .expect("setting a busy timeout");
+    other
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("taking the write lock");
+    wait_until(
+        "a sweep of the supervisor waits for the lock",
+        DEADLINE,
+        || busy_waits() > before,
+    );
+    run.signal(libc::SIGTERM);
+    wait_until("the supervisor passes the stop on", DEADLINE, || {
+        run.stderr_so_far().contains("stopping: workers drain")
+    });
+    other.execute_batch("ROLLBACK").expect("letting go");
+
+    std::fs::write(sb.path("go"), "").expect("creating go");
+    run.wait(130);
+    assert_eq!(sb.count("done"), 1);
+    assert_eq!(sb.count("pending"), 1);
+}

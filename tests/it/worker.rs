@@ -346,6 +346,38 @@ fn timeout_kills_what_left_the_items_process_group_too() {
     );
 }
 
+/// The worker's loop may be waiting for the write lock (here: for its
+/// heartbeat, held back by another program) just when an item's time is
+/// up; the item is killed on time all the same.
+#[test]
+fn a_timeout_is_kept_while_the_worker_waits_for_the_write_lock() {
+    let sb = Sandbox::new();
+    sb.add("lines", "slow\n", &["--max-attempts", "1"]);
+    let script = format!(r#"echo $$ > "$DIR/item.pid"; {LINGER}"#);
+    // A heartbeat every 100 ms: the loop is soon stuck in one.
+    let worker = sb
+        .lw(["worker", "-c", "1", "--timeout", "1s", "--lease", "300ms"])
+        .args(["--sweep-interval", "1h", "--", "sh", "-c", &script, "sh"])
+        .spawn();
+    let item = read_pid(&sb.path("item.pid"));
+
+    let other = rusqlite::Connection::open(sb.db()).expect("opening the queue");
+    other
+        .busy_timeout(DEADLINE)
+        .expect("setting a busy timeout");
+    other
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("taking the write lock");
+    wait_until("the item is killed at its timeout", DEADLINE, || {
+        process_gone(item)
+    });
+    other.execute_batch("ROLLBACK").expect("letting go");
+
+    let out = worker.wait(1);
+    assert_eq!(summary(&out.stderr).counts(), (0, 0, 1, 0, 0));
+    assert_eq!(sb.attempts()[0].outcome, "timeout");
+}
+
 #[test]
 fn higher_priority_items_run_first_and_ties_in_the_order_added() {
     let sb = Sandbox::new();
