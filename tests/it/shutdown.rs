@@ -203,13 +203,7 @@ fn a_stop_is_passed_on_while_another_program_holds_the_write_lock() {
     };
     let before = busy_waits();
 
-    let other = rusqlite::Connection::open(sb.db()).expect("opening the queue");
-    other
-        .busy_timeout(DEADLINE)
-        .expect("setting a busy timeout");
-    other
-        .execute_batch("BEGIN IMMEDIATE")
-        .expect("taking the write lock");
+    let other = sb.hold_write_lock();
     wait_until(
         "a sweep of the supervisor waits for the lock",
         DEADLINE,

@@ -172,6 +172,19 @@ impl Sandbox {
     }
 
     /// How many items have `status`, counted in the items table itself.
+    /// A connection of another program holding the queue's write lock
+    /// (an open `BEGIN IMMEDIATE`) until `ROLLBACK` or drop.
+    pub fn hold_write_lock(&self) -> Connection {
+        let other = Connection::open(&self.db).expect("opening the queue");
+        other
+            .busy_timeout(DEADLINE)
+            .expect("setting a busy timeout");
+        other
+            .execute_batch("BEGIN IMMEDIATE")
+            .expect("taking the write lock");
+        other
+    }
+
     pub fn count(&self, status: &str) -> i64 {
         self.conn()
             .query_row(

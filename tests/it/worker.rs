@@ -361,13 +361,7 @@ fn a_timeout_is_kept_while_the_worker_waits_for_the_write_lock() {
         .spawn();
     let item = read_pid(&sb.path("item.pid"));
 
-    let other = rusqlite::Connection::open(sb.db()).expect("opening the queue");
-    other
-        .busy_timeout(DEADLINE)
-        .expect("setting a busy timeout");
-    other
-        .execute_batch("BEGIN IMMEDIATE")
-        .expect("taking the write lock");
+    let other = sb.hold_write_lock();
     wait_until("the item is killed at its timeout", DEADLINE, || {
         process_gone(item)
     });
