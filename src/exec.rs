@@ -644,6 +644,21 @@ fn drain(
     }
 }
 
+/// Returns true if and only if a process `pid` exists and is not a zombie
+/// (dead, waiting to be reaped).
+pub fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 sends nothing; it only asks whether the pid exists.
+    let exists = unsafe { libc::kill(pid, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    exists
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X")
+        })
+}
+
 fn kill_group(pgid: i32) {
     // SAFETY: plain syscall; a group that no longer exists gives ESRCH.
     unsafe {

@@ -439,6 +439,7 @@ impl Worker {
             .map_or_else(crossbeam_channel::never, |w| w.events().clone());
         let mut state = Loop {
             cfg: &self.config,
+            slots: slots.clone(),
             metrics: &self.metrics,
             claim_latency: &self.claim_latency,
             id: &self.id,
@@ -596,6 +597,8 @@ fn run_handler(handler: &dyn Handler, job: &Job, cancel: &Cancel) -> Outcome {
 /// The database thread's state between turns.
 struct Loop<'a> {
     cfg: &'a WorkerConfig,
+    /// The running file, which also shows when this worker is in a write.
+    slots: Option<Arc<RunningSlots>>,
     metrics: &'a WorkerMetrics,
     claim_latency: &'a Histogram,
     id: &'a str,
@@ -927,7 +930,10 @@ impl Loop<'_> {
             heartbeat: beat,
         };
         let started = Instant::now();
-        let result = match self.session.turn(self.id, self.cfg.lease, &turn) {
+        self.writing(true);
+        let result = self.session.turn(self.id, self.cfg.lease, &turn);
+        self.writing(false);
+        let result = match result {
             Ok(r) => r,
             Err(e) => {
                 self.finished = turn.finished;
@@ -1195,9 +1201,21 @@ impl Loop<'_> {
             .is_none_or(|at| at.elapsed() >= self.cfg.sweep_interval)
     }
 
+    /// Shows in the running file that this worker is in a write (or no
+    /// longer is): while it waits for the lock it cannot extend its leases,
+    /// and a sweeper on this machine lets them be meanwhile.
+    fn writing(&self, on: bool) {
+        if let Some(slots) = &self.slots {
+            slots.writing(on.then(|| (now_ms(), crate::queue::busy::limit())));
+        }
+    }
+
     fn sweep(&mut self) -> Result<()> {
         self.last_sweep = Some(Instant::now());
-        match self.session.requeue_expired() {
+        self.writing(true);
+        let swept = self.session.requeue_expired();
+        self.writing(false);
+        match swept {
             Ok(moved) if moved.total() > 0 => {
                 self.metrics.requeued_expired.inc_by(moved.total());
                 let (pending, failed) = (moved.pending, moved.failed);

@@ -1075,6 +1075,14 @@ impl Session {
             let mut moved = Requeued::default();
             let mut done_with = Vec::new();
             for owner in owners {
+                // An owner shown in a write on this machine has been waiting
+                // for the lock (it cannot hold it while we do): it could not
+                // extend its leases. Left alone for as long as it may wait.
+                if let Some((since, limit)) = writing_mark(tx, &db, &owner)? {
+                    if now - since <= ms(limit) + WRITE_GRACE_MS {
+                        continue;
+                    }
+                }
                 moved.add(requeue_owner(
                     tx,
                     &db,
@@ -1780,25 +1788,56 @@ fn requeue_owner(
     Ok(moved)
 }
 
-/// The running slots of `owner`, if its file can be trusted: the worker
-/// ran on this machine and the file was made since it last booted (a file
-/// from before a crash of the machine may have lost what was written).
+/// The running slots of `owner`, if its file can be trusted (see
+/// [`file_trusted`]).
 fn trusted_slots(
     tx: &Transaction<'_>,
     db: &Path,
     owner: &str,
 ) -> rusqlite::Result<Option<Vec<(i64, i64)>>> {
+    Ok(file_trusted(tx, db, owner)?
+        .then(|| running::read_slots(db, owner))
+        .flatten())
+}
+
+/// Past its busy limit and this, a worker shown in a write is taken for
+/// stalled (frozen while it waited), and its leases are swept.
+const WRITE_GRACE_MS: i64 = 1000;
+
+/// Since when `owner` has been in a write and how long it may wait for
+/// the lock, if its file can be trusted and says so and its process is
+/// still there (a worker killed in a write leaves the mark behind).
+fn writing_mark(
+    tx: &Transaction<'_>,
+    db: &Path,
+    owner: &str,
+) -> rusqlite::Result<Option<(i64, Duration)>> {
+    if !file_trusted(tx, db, owner)? {
+        return Ok(None);
+    }
+    let Some(mark) = running::read_writing(db, owner) else {
+        return Ok(None);
+    };
+    let pid: Option<i64> = tx
+        .prepare_cached("SELECT pid FROM workers WHERE id = ?1")?
+        .query_row([owner], |r| r.get(0))
+        .optional()?;
+    let alive = pid
+        .and_then(|p| i32::try_from(p).ok())
+        .is_some_and(|p| p > 0 && crate::exec::process_alive(p));
+    Ok(alive.then_some(mark))
+}
+
+/// Whether the running file of `owner` can be trusted: the worker ran on
+/// this machine and the file was made since it last booted (a file from
+/// before a crash of the machine may have lost what was written).
+fn file_trusted(tx: &Transaction<'_>, db: &Path, owner: &str) -> rusqlite::Result<bool> {
     let host: Option<String> = tx
         .prepare_cached("SELECT host FROM workers WHERE id = ?1")?
         .query_row([owner], |r| r.get(0))
         .optional()?;
-    if host.as_deref() != Some(crate::worker::host_name().as_str()) {
-        return Ok(None);
-    }
-    if !running::made_since_boot(&running::slots_path(db, owner)) {
-        return Ok(None);
-    }
-    Ok(running::read_slots(db, owner))
+    Ok(host.as_deref() == Some(crate::worker::host_name().as_str())
+        && running::made_since_boot(&running::slots_path(db, owner)))
 }
 
 fn count_statuses(

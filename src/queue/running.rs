@@ -18,6 +18,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 /// A file of `i64` cells mapped into memory, shared with whoever reads the
 /// file later: stores are visible to a reader of the file at once, even
@@ -161,11 +162,40 @@ pub fn made_since_boot(path: &Path) -> bool {
     boot.is_some_and(|b| meta.ctime() >= b)
 }
 
+/// Ids of the two pairs after the executors' slots: `(WRITING, since)`
+/// and `(WRITE_LIMIT, busy limit)`, both in ms. No item has a negative
+/// id, so a reader of the older layout takes them for slots of items that
+/// do not exist, and changes nothing with them.
+const WRITING: i64 = -1;
+const WRITE_LIMIT: i64 = -2;
+
 impl RunningSlots {
     /// Makes the file with `slots` empty slots; dropping removes it.
     pub fn create(db: &Path, worker: &str, slots: usize) -> std::io::Result<RunningSlots> {
-        let cells = Cells::create(slots_path(db, worker), 2 * slots.max(1), true)?;
-        Ok(RunningSlots { cells })
+        let slots = slots.max(1);
+        let cells = Cells::create(slots_path(db, worker), 2 * slots + 4, true)?;
+        let marks = RunningSlots { cells };
+        let at = marks.cells.len() - 4;
+        marks.cells.cell(at).store(WRITING, Ordering::Release);
+        marks
+            .cells
+            .cell(at + 2)
+            .store(WRITE_LIMIT, Ordering::Release);
+        Ok(marks)
+    }
+
+    /// The worker is in a write (waiting for the lock, or holding it)
+    /// since `since` ms, with `limit` the longest it waits; `None`: not
+    /// writing. A sweeper on this machine leaves the leases of a worker
+    /// shown waiting alone for that long: it could not extend them.
+    pub fn writing(&self, since: Option<(i64, Duration)>) {
+        let at = self.cells.len() - 4;
+        if let Some((_, limit)) = since {
+            let ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
+            self.cells.cell(at + 3).store(ms, Ordering::Release);
+        }
+        let since = since.map_or(0, |(ms, _)| ms);
+        self.cells.cell(at + 1).store(since, Ordering::Release);
     }
 
     /// Executor `slot` now runs the item `(id, token)`.
@@ -201,9 +231,22 @@ pub fn read_slots(db: &Path, worker: &str) -> Option<Vec<(i64, i64)>> {
         cells
             .chunks_exact(2)
             .map(|c| (c[0], c[1]))
-            .filter(|&(id, _)| id != 0)
+            .filter(|&(id, _)| id > 0)
             .collect(),
     )
+}
+
+/// Since when (ms) the worker has been in a write, and the longest it
+/// waits for the lock, if its file says it is in one.
+pub fn read_writing(db: &Path, worker: &str) -> Option<(i64, Duration)> {
+    let cells = read_cells(&slots_path(db, worker))?;
+    let mark = |id: i64| cells.chunks_exact(2).find(|c| c[0] == id).map(|c| c[1]);
+    let since = mark(WRITING).filter(|&ms| ms > 0)?;
+    let limit = mark(WRITE_LIMIT)?;
+    Some((
+        since,
+        Duration::from_millis(u64::try_from(limit).unwrap_or(0)),
+    ))
 }
 
 /// Removes the file of a worker whose items were requeued.
@@ -225,6 +268,14 @@ mod tests {
         slots.set(1, 8, 5);
         slots.clear(1);
         assert_eq!(read_slots(&db, "host-1-abc"), Some(vec![(7, 2), (9, 1)]));
+        // The write mark is not a slot, and says nothing until set.
+        assert_eq!(read_writing(&db, "host-1-abc"), None);
+        slots.writing(Some((1234, Duration::from_secs(60))));
+        let mark = Some((1234, Duration::from_secs(60)));
+        assert_eq!(read_writing(&db, "host-1-abc"), mark);
+        assert_eq!(read_slots(&db, "host-1-abc"), Some(vec![(7, 2), (9, 1)]));
+        slots.writing(None);
+        assert_eq!(read_writing(&db, "host-1-abc"), None);
         // A dead worker leaves the file; a clean drop removes it.
         std::mem::forget(slots);
         assert_eq!(read_slots(&db, "host-1-abc"), Some(vec![(7, 2), (9, 1)]));

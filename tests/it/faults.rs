@@ -8,8 +8,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::util::{
-    http_get, process_gone, read_pid, summary, wait_until, Item, Running, Sandbox, BLOCK_UNTIL_GO,
-    DEADLINE,
+    http_get, process_gone, read_pid, summary, wait_until, writing_since, Item, Running, Sandbox,
+    BLOCK_UNTIL_GO, DEADLINE,
 };
 
 /// `db` with `suffix` appended: its `-wal` or `-shm` file.
@@ -119,8 +119,10 @@ fn holds_write_lock(pid: i32, shm: &Path) -> bool {
 
 /// Stops `worker` with SIGSTOP at a moment it holds no write transaction
 /// on the sandbox's queue. Frozen inside one, it would keep every other
-/// process from writing at all, which is not what these tests are about.
-fn freeze_outside_a_transaction(sb: &Sandbox, worker: &Running) {
+/// process from writing at all, which is not what these tests are about;
+/// frozen while its running file shows it in a write (`id`), a sweeper
+/// would leave its leases alone for a while.
+fn freeze_outside_a_transaction(sb: &Sandbox, worker: &Running, id: &str) {
     let shm = sidecar(sb.db(), "-shm");
     let what = "the worker is stopped outside a write transaction";
     wait_until(what, DEADLINE, || {
@@ -129,7 +131,7 @@ fn freeze_outside_a_transaction(sb: &Sandbox, worker: &Running) {
             let states = thread_states(worker.pid());
             !states.is_empty() && states.iter().all(|s| s == "T" || s == "t")
         });
-        if holds_write_lock(worker.pid(), &shm) {
+        if holds_write_lock(worker.pid(), &shm) || writing_since(sb.db(), id) != 0 {
             worker.signal(libc::SIGCONT);
             return false;
         }
@@ -163,7 +165,7 @@ fn frozen_worker_overtaken(sb: &Sandbox) -> (Running, i32, Item) {
         sb.path("started-A").exists()
     });
     let item_pid = read_pid(&sb.path("pid-A"));
-    freeze_outside_a_transaction(sb, &a);
+    freeze_outside_a_transaction(sb, &a, "A");
     let held = sb.only_item();
     assert_eq!(
         (held.status.as_str(), held.lease_owner.as_deref()),
@@ -237,6 +239,108 @@ fn assert_a_changed_nothing(sb: &Sandbox, mut a: Running, after_b: &Item) {
         )
         .unwrap();
     assert_eq!(kept, (1, 1), "(done items, done in throughput)");
+}
+
+/// A worker that cannot extend its lease because another program holds
+/// the write lock keeps it: a sweep that gets the lock first leaves the
+/// lease alone, though it has run out, as the worker shows it is waiting.
+#[test]
+fn a_lease_a_worker_could_not_extend_for_a_held_lock_is_not_swept() {
+    let sb = Sandbox::new();
+    sb.add("lines", "the-item\n", &[]);
+    let worker = sb
+        .lw(["worker", "-c", "1", "--lease", "1s", "--worker-id", "W"])
+        .args(["--sweep-interval", "1h", "--shell", "--", BLOCK_UNTIL_GO])
+        .spawn();
+    wait_until("the item has started", DEADLINE, || {
+        sb.files_starting_with("started-").len() == 1
+    });
+    let other = sb.hold_write_lock();
+    wait_until("the worker waits for the lock", DEADLINE, || {
+        writing_since(sb.db(), "W") != 0
+    });
+    let expires = sb.only_item().lease_expires.expect("a lease");
+    wait_until("its lease has run out", DEADLINE, || {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("a clock after 1970");
+        i64::try_from(now.as_millis()).expect("ms fit") > expires
+    });
+    // Stopped, so that the sweep below gets the lock first.
+    worker.signal(libc::SIGSTOP);
+    other.execute_batch("ROLLBACK").expect("letting go");
+    sb.lw(["requeue-stale"])
+        .run()
+        .assert_stderr_has("requeued 0 items");
+    worker.signal(libc::SIGCONT);
+
+    std::fs::write(sb.path("go"), "").unwrap();
+    let out = worker.wait(0);
+    assert_eq!(summary(&out.stderr).counts(), (1, 0, 0, 0, 0));
+    let item = sb.only_item();
+    assert_eq!((item.status.as_str(), item.attempts), ("done", 1));
+    assert_eq!(sb.attempts(), []);
+}
+
+/// The other side: a worker frozen while it waited for the lock is spared
+/// only as long as it could have waited (its busy timeout, and a second);
+/// then a sweep takes its lease, as from any stalled worker.
+#[test]
+fn a_worker_frozen_while_it_waited_for_the_lock_loses_its_lease_in_the_end() {
+    let sb = Sandbox::new();
+    sb.add("lines", "the-item\n", &[]);
+    let worker = sb
+        .lw(["--busy-timeout", "1s", "worker", "-c", "1", "--lease", "1s"])
+        .args(["--worker-id", "W", "--sweep-interval", "1h"])
+        .args(["--shell", "--", BLOCK_UNTIL_GO])
+        .spawn();
+    wait_until("the item has started", DEADLINE, || {
+        sb.files_starting_with("started-").len() == 1
+    });
+    let other = sb.hold_write_lock();
+    let mut since = 0;
+    // Its waits end after 1 s (its busy timeout) and begin again: stopped
+    // between two, it is let go on and stopped again.
+    wait_until(
+        "the worker is stopped while it waits for the lock",
+        DEADLINE,
+        || {
+            if writing_since(sb.db(), "W") == 0 {
+                return false;
+            }
+            worker.signal(libc::SIGSTOP);
+            wait_until("every thread of the worker has stopped", DEADLINE, || {
+                let states = thread_states(worker.pid());
+                !states.is_empty() && states.iter().all(|s| s == "T" || s == "t")
+            });
+            since = writing_since(sb.db(), "W");
+            if since == 0 {
+                worker.signal(libc::SIGCONT);
+            }
+            since != 0
+        },
+    );
+    other.execute_batch("ROLLBACK").expect("letting go");
+    // Its busy timeout (1 s) and the grace (1 s) past the start of its wait.
+    wait_until("the worker could have waited no longer", DEADLINE, || {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("a clock after 1970");
+        i64::try_from(now.as_millis()).expect("ms fit") > since + 2000
+    });
+    sb.lw(["requeue-stale"])
+        .run()
+        .assert_stderr_has("requeued 1 items");
+    worker.signal(libc::SIGCONT);
+    worker.signal(libc::SIGTERM);
+    std::fs::write(sb.path("go"), "").unwrap();
+    worker.wait(0);
+    let item = sb.only_item();
+    assert_eq!(
+        (item.status.as_str(), item.attempts),
+        ("pending", 1),
+        "{item:?}"
+    );
 }
 
 #[test]

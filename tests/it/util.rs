@@ -208,6 +208,24 @@ impl Sandbox {
     }
 }
 
+/// Since when (ms) the worker `worker` has been in a write, as its running
+/// file beside `db` shows (the pair whose id is -1); 0 when it is not in
+/// one or has no file.
+pub fn writing_since(db: &Path, worker: &str) -> i64 {
+    let hex: String = worker.bytes().map(|b| format!("{b:02x}")).collect();
+    let mut name = db.as_os_str().to_owned();
+    name.push(format!("-running-{hex}"));
+    let cells: Vec<i64> = std::fs::read(&name)
+        .unwrap_or_default()
+        .chunks_exact(8)
+        .map(|c| i64::from_ne_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    cells
+        .chunks_exact(2)
+        .find(|pair| pair[0] == -1)
+        .map_or(0, |pair| pair[1])
+}
+
 /// Opens a database without any write access, so that looking cannot
 /// change what is looked at.
 pub fn open_read_only(db: &Path) -> Connection {
