@@ -1076,18 +1076,22 @@ impl Session {
             let mut done_with = Vec::new();
             for owner in owners {
                 // An owner shown in a write on this machine has been waiting
-                // for the lock (it cannot hold it while we do): it could not
-                // extend its leases. Left alone for as long as it may wait.
+                // for the lock since then (it cannot hold it while we do):
+                // the leases that expired during that wait it could not
+                // extend, and they are left alone for as long as it may
+                // wait. Those that expired before it began are taken.
+                let mut owner_cutoff = cutoff;
                 if let Some((since, limit)) = writing_mark(tx, &db, &owner)? {
-                    if now - since <= ms(limit) + WRITE_GRACE_MS {
-                        continue;
+                    let wait = ms(limit.min(MAX_WRITE_WAIT)).saturating_add(WRITE_GRACE_MS);
+                    if now.saturating_sub(since) <= wait {
+                        owner_cutoff = owner_cutoff.min(since);
                     }
                 }
                 moved.add(requeue_owner(
                     tx,
                     &db,
                     &owner,
-                    Some(cutoff),
+                    Some(owner_cutoff),
                     now,
                     "expired",
                 )?);
@@ -1803,6 +1807,11 @@ fn trusted_slots(
 /// Past its busy limit and this, a worker shown in a write is taken for
 /// stalled (frozen while it waited), and its leases are swept.
 const WRITE_GRACE_MS: i64 = 1000;
+
+/// The longest wait of a worker in a write that a sweep honours, whatever
+/// `--busy-timeout` it was given: a worker frozen in a wait must not keep
+/// its items for hours.
+const MAX_WRITE_WAIT: Duration = Duration::from_secs(300);
 
 /// Since when `owner` has been in a write and how long it may wait for
 /// the lock, if its file can be trusted and says so and its process is

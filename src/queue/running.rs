@@ -135,6 +135,8 @@ pub fn read_cells(path: &Path) -> Option<Vec<i64>> {
 #[derive(Debug)]
 pub struct RunningSlots {
     cells: Cells,
+    /// Executor slots; the write marks follow them.
+    slots: usize,
 }
 
 /// The file of worker `worker` of the queue at `db`: the id in hex, so
@@ -174,7 +176,7 @@ impl RunningSlots {
     pub fn create(db: &Path, worker: &str, slots: usize) -> std::io::Result<RunningSlots> {
         let slots = slots.max(1);
         let cells = Cells::create(slots_path(db, worker), 2 * slots + 4, true)?;
-        let marks = RunningSlots { cells };
+        let marks = RunningSlots { cells, slots };
         let at = marks.cells.len() - 4;
         marks.cells.cell(at).store(WRITING, Ordering::Release);
         marks
@@ -200,7 +202,7 @@ impl RunningSlots {
 
     /// Executor `slot` now runs the item `(id, token)`.
     pub fn set(&self, slot: usize, id: i64, token: i64) {
-        if 2 * slot + 1 < self.cells.len() {
+        if slot < self.slots {
             self.cells
                 .cell(2 * slot + 1)
                 .store(token, Ordering::Release);
@@ -217,7 +219,7 @@ impl RunningSlots {
 
     /// Executor `slot` runs nothing.
     pub fn clear(&self, slot: usize) {
-        if 2 * slot < self.cells.len() {
+        if slot < self.slots {
             self.cells.cell(2 * slot).store(0, Ordering::Release);
         }
     }

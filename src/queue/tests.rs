@@ -817,6 +817,44 @@ fn an_item_held_at_every_death_is_charged_in_the_end() {
     assert_eq!(real_counts(&queue), kept_counts(&queue));
 }
 
+/// A worker shown waiting for the lock since T keeps the leases that
+/// expired during that wait, not those that expired before it began.
+#[test]
+fn a_sweep_spares_only_the_leases_that_expired_while_their_owner_waited() {
+    let (dir, queue) = fresh();
+    add(&queue, &["before", "during"]);
+    let db = dir.path().join("q.db");
+    register(&queue, "w");
+    queue.claim("w", 2, LEASE).unwrap();
+    let slots = running::RunningSlots::create(&db, "w", 2).unwrap();
+    slots.set(0, 1, 1);
+    slots.set(1, 2, 1);
+    let now = now_ms();
+    let since = now - 5_000;
+    slots.writing(Some((since, Duration::from_secs(60))));
+    let s = queue.session().unwrap();
+    s.connection()
+        .execute(
+            "UPDATE items SET lease_expires = CASE id WHEN 1 THEN ?1 ELSE ?2 END",
+            params![since - 1_000, since + 1_000],
+        )
+        .unwrap();
+    let moved = queue.requeue_expired().unwrap();
+    assert_eq!(moved.total(), 1);
+    let rows = queue.session().unwrap().list(None, None).unwrap();
+    let states: Vec<(&[u8], &str)> = rows
+        .iter()
+        .map(|r| (r.payload.as_slice(), r.status.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [(&b"before"[..], "pending"), (&b"during"[..], "running")]
+    );
+    // Once it may no longer be waiting, the other goes too.
+    slots.writing(Some((now - 70_000, Duration::from_secs(60))));
+    assert_eq!(queue.requeue_expired().unwrap().total(), 1);
+}
+
 #[test]
 fn a_running_file_of_another_machine_is_not_trusted() {
     let (dir, queue) = fresh();

@@ -256,18 +256,10 @@ fn a_lease_a_worker_could_not_extend_for_a_held_lock_is_not_swept() {
         sb.files_starting_with("started-").len() == 1
     });
     let other = sb.hold_write_lock();
-    wait_until("the worker waits for the lock", DEADLINE, || {
-        writing_since(sb.db(), "W") != 0
-    });
     let expires = sb.only_item().lease_expires.expect("a lease");
-    wait_until("its lease has run out", DEADLINE, || {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("a clock after 1970");
-        i64::try_from(now.as_millis()).expect("ms fit") > expires
-    });
-    // Stopped, so that the sweep below gets the lock first.
-    worker.signal(libc::SIGSTOP);
+    wait_until("its lease has run out", DEADLINE, || now_ms() > expires);
+    // Stopped in its wait, so that the sweep below gets the lock first.
+    stop_while_writing(&sb, &worker, "W");
     other.execute_batch("ROLLBACK").expect("letting go");
     sb.lw(["requeue-stale"])
         .run()
@@ -298,49 +290,58 @@ fn a_worker_frozen_while_it_waited_for_the_lock_loses_its_lease_in_the_end() {
         sb.files_starting_with("started-").len() == 1
     });
     let other = sb.hold_write_lock();
-    let mut since = 0;
-    // Its waits end after 1 s (its busy timeout) and begin again: stopped
-    // between two, it is let go on and stopped again.
-    wait_until(
-        "the worker is stopped while it waits for the lock",
-        DEADLINE,
-        || {
-            if writing_since(sb.db(), "W") == 0 {
-                return false;
-            }
-            worker.signal(libc::SIGSTOP);
-            wait_until("every thread of the worker has stopped", DEADLINE, || {
-                let states = thread_states(worker.pid());
-                !states.is_empty() && states.iter().all(|s| s == "T" || s == "t")
-            });
-            since = writing_since(sb.db(), "W");
-            if since == 0 {
-                worker.signal(libc::SIGCONT);
-            }
-            since != 0
-        },
-    );
+    let since = stop_while_writing(&sb, &worker, "W");
     other.execute_batch("ROLLBACK").expect("letting go");
     // Its busy timeout (1 s) and the grace (1 s) past the start of its wait.
     wait_until("the worker could have waited no longer", DEADLINE, || {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("a clock after 1970");
-        i64::try_from(now.as_millis()).expect("ms fit") > since + 2000
+        now_ms() > since + 2000
     });
     sb.lw(["requeue-stale"])
         .run()
         .assert_stderr_has("requeued 1 items");
-    worker.signal(libc::SIGCONT);
+    let lost: Vec<_> = sb
+        .attempts()
+        .into_iter()
+        .map(|a| (a.worker, a.outcome))
+        .collect();
+    assert_eq!(lost, [(Some("W".to_string()), "lost".to_string())]);
+    // Told to stop before it runs on, it finds its lease gone and stops.
     worker.signal(libc::SIGTERM);
+    worker.signal(libc::SIGCONT);
     std::fs::write(sb.path("go"), "").unwrap();
     worker.wait(0);
-    let item = sb.only_item();
-    assert_eq!(
-        (item.status.as_str(), item.attempts),
-        ("pending", 1),
-        "{item:?}"
-    );
+}
+
+/// The time now, in ms since the epoch, as litework keeps times.
+fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970");
+    i64::try_from(now.as_millis()).expect("ms fit")
+}
+
+/// Stops `worker` (SIGSTOP, every thread) while its running file shows it
+/// in a write, and returns since when. A worker whose waits end and begin
+/// again (a short busy timeout) may be caught between two: it is let go
+/// on and stopped again.
+fn stop_while_writing(sb: &Sandbox, worker: &Running, id: &str) -> i64 {
+    let mut since = 0;
+    wait_until("the worker is stopped in a write", DEADLINE, || {
+        if writing_since(sb.db(), id) == 0 {
+            return false;
+        }
+        worker.signal(libc::SIGSTOP);
+        wait_until("every thread of the worker has stopped", DEADLINE, || {
+            let states = thread_states(worker.pid());
+            !states.is_empty() && states.iter().all(|s| s == "T" || s == "t")
+        });
+        since = writing_since(sb.db(), id);
+        if since == 0 {
+            worker.signal(libc::SIGCONT);
+        }
+        since != 0
+    });
+    since
 }
 
 #[test]
