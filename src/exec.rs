@@ -8,15 +8,19 @@
 //! Each child leads its own process group. A timeout, a lost lease or a
 //! shutdown kills the whole group, and so does the leader's exit: the
 //! processes of an item never outlive it (and cannot keep its output pipes
-//! open). A process that left the group (GNU `timeout` makes a group of
-//! its own, `setsid` a session) is found by the `LITEWORK_ATTEMPT_ID` in
-//! its environment (random for each run of an item, so that a worker of
-//! another queue with the same worker and item ids is never taken for
-//! it) and killed too, when the item is
-//! stopped or when such a process still holds the item's output after the
-//! leader exited; one that left the group and let go of the output of an
-//! item that ended by itself is left running (a daemon it started), and
-//! so is one that cleared its environment. The executor thread waits in `poll(2)` on the child's pipes and
+//! open).
+//!
+//! A process that left the group (GNU `timeout` makes a group of its own,
+//! `setsid` a session) is found by the `LITEWORK_ATTEMPT_ID` in its
+//! environment (random for each run of an item, so that a worker of
+//! another queue with the same worker and item ids is never taken for it)
+//! and killed too: when the item is stopped, or when such a process still
+//! holds the item's output after the leader exited. One that left the
+//! group and let go of the output of an item that ended by itself is left
+//! running (a daemon it started), and so is one that cleared its
+//! environment.
+//!
+//! The executor thread waits in `poll(2)` on the child's pipes and
 //! on a pidfd, so a finished child is noticed at once without a reaper
 //! thread or a sleep loop. On kernels without `pidfd_open` (before 5.3) the
 //! wait ends when the pipes close instead, so leftover background

@@ -400,7 +400,10 @@ impl Supervisor {
             }
         }
         for worker in &unrequeued {
-            warn!(%worker, "could not requeue the dead worker's leases; they go back when they expire");
+            warn!(
+                %worker,
+                "could not requeue the dead worker's leases; they go back when they expire"
+            );
         }
         if let Some(e) = fatal {
             return Err(e);

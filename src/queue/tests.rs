@@ -540,19 +540,29 @@ fn promoting_and_finding_waiting_items_use_their_index() {
     }
 }
 
+/// Makes a litework file at schema `version` with the migrations' own
+/// SQL, `edit` run in the same transaction.
+fn file_at_version(path: &Path, version: usize, edit: impl FnOnce(&Transaction<'_>)) {
+    let mut conn = Connection::open(path).unwrap();
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+        .unwrap();
+    let tx = conn.transaction().unwrap();
+    for n in 0..version {
+        tx.execute_batch(schema_sql(n)).unwrap();
+    }
+    tx.pragma_update(None, "user_version", version as i64)
+        .unwrap();
+    tx.pragma_update(None, "application_id", schema::APPLICATION_ID)
+        .unwrap();
+    edit(&tx);
+    tx.commit().unwrap();
+}
+
 #[test]
 fn a_version_1_file_is_migrated_with_its_counts_and_waiting_items() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v1.db");
-    {
-        let mut conn = Connection::open(&path).unwrap();
-        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
-            .unwrap();
-        let tx = conn.transaction().unwrap();
-        tx.execute_batch(schema_sql(0)).unwrap();
-        tx.pragma_update(None, "user_version", 1).unwrap();
-        tx.pragma_update(None, "application_id", schema::APPLICATION_ID)
-            .unwrap();
+    file_at_version(&path, 1, |tx| {
         // Version 1 kept counts with triggers, and stored "ready" as a
         // run_after in the past.
         let now = now_ms();
@@ -564,8 +574,7 @@ fn a_version_1_file_is_migrated_with_its_counts_and_waiting_items() {
             now + 3_600_000
         ))
         .unwrap();
-        tx.commit().unwrap();
-    }
+    });
     let queue = Queue::open(&path).unwrap();
     let mut s = queue.session().unwrap();
     let version: i64 = s
@@ -597,22 +606,10 @@ fn files_made_before_a_version_was_final_get_its_missing_column() {
     for (version, table, column) in [(1, "workers", "finished"), (2, "items", "given_back")] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("early.db");
-        {
-            let mut conn = Connection::open(&path).unwrap();
-            conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
-                .unwrap();
-            let tx = conn.transaction().unwrap();
-            for n in 0..version {
-                tx.execute_batch(schema_sql(n)).unwrap();
-            }
+        file_at_version(&path, version, |tx| {
             tx.execute_batch(&format!("ALTER TABLE {table} DROP COLUMN {column}"))
                 .unwrap();
-            tx.pragma_update(None, "user_version", version as i64)
-                .unwrap();
-            tx.pragma_update(None, "application_id", schema::APPLICATION_ID)
-                .unwrap();
-            tx.commit().unwrap();
-        }
+        });
         let queue = Queue::open(&path).unwrap();
         add(&queue, &["a"]);
         let mut s = queue.session().unwrap();
