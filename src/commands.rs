@@ -481,7 +481,6 @@ fn worker_spec(args: &WorkerArgs) -> litework::Result<CommandSpec> {
         file_size: args.limit_file_size,
     };
     spec.limits.check()?;
-    spec.timeout = args.timeout;
     Ok(spec)
 }
 

@@ -83,10 +83,6 @@ pub struct CommandSpec {
     pub keeper: Option<Arc<Keeper>>,
     /// Resource limits set in each item's process before it runs.
     pub limits: Limits,
-    /// The item's `--timeout`, enforced here as well as by the worker's
-    /// loop: that loop may be waiting for the write lock (as long as the
-    /// busy timeout) just when an item's time is up.
-    pub timeout: Option<Duration>,
 }
 
 /// Resource limits for item commands (`setrlimit(2)` in the child before
@@ -215,7 +211,6 @@ impl CommandSpec {
             worker_id: String::new(),
             keeper: None,
             limits: Limits::default(),
-            timeout: None,
         })
     }
 
@@ -338,12 +333,11 @@ impl CommandSpec {
             k.watch(group);
         }
         let mark = format!("LITEWORK_ATTEMPT_ID={attempt_id}");
-        let deadline = self.timeout.map(|t| Instant::now() + t);
         let finished = wait_child(
             child,
             stdin,
             (self.max_output, self.max_error),
-            (cancel, deadline),
+            cancel,
             &mark,
             self.keeper.as_deref(),
         );
@@ -392,7 +386,7 @@ fn wait_child(
     mut child: Child,
     stdin: Option<&[u8]>,
     (max_output, max_error): (usize, usize),
-    (cancel, deadline): (&Cancel, Option<Instant>),
+    cancel: &Cancel,
     mark: &str,
     keeper: Option<&Keeper>,
 ) -> std::io::Result<Finished> {
@@ -403,18 +397,15 @@ fn wait_child(
     // process that reused it.
     cancel.set_hook(Box::new(move || kill_group(pid)));
 
-    // Past the deadline the item is cancelled as the worker's loop would:
-    // the hook above kills the group.
-    let on_deadline = || {
-        if !cancel.is_cancelled() {
-            cancel.cancel(CancelReason::Timeout);
-        }
-    };
+    // At its deadline the item is cancelled here as well as by the
+    // worker's loop, which may then be waiting for the write lock (as long
+    // as the busy timeout): the hook above kills the group.
+    let on_deadline = || cancel.cancel(CancelReason::Timeout);
     let pumped = pump(
         &mut child,
         stdin,
         (max_output, max_error),
-        (deadline, &on_deadline),
+        (cancel.deadline(), &on_deadline),
     );
     if pumped.is_err() {
         kill_group(pid);

@@ -34,7 +34,7 @@ use tracing::{error, info, warn};
 
 use crate::error::{Error, Result};
 use crate::metrics::{RequeueCause, SupervisorMetrics};
-use crate::queue::{now_ms, Backoff, Queue, Requeued, StatusReport};
+use crate::queue::{now_ms, Backoff, Queue, Requeued, Session, StatusReport};
 
 /// Consecutive crashes without a recorded outcome that make a slot
 /// crash-looping.
@@ -233,27 +233,7 @@ impl Supervisor {
                 };
             }
 
-            let mut i = 0;
-            while i < unrequeued.len() {
-                match session.requeue_worker(&unrequeued[i]) {
-                    Ok(moved) => {
-                        let worker = unrequeued.remove(i);
-                        let (pending, failed) = (moved.pending, moved.failed);
-                        let never_started = moved.never_started;
-                        info!(
-                            %worker, pending, never_started, failed,
-                            "requeued the dead worker's leases"
-                        );
-                        self.metrics
-                            .requeued(RequeueCause::DeadWorker, moved.total());
-                    }
-                    Err(e) if e.is_transient() => {
-                        warn!(error = %e, "cannot requeue a dead worker's leases yet");
-                        i += 1;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            self.requeue_dead(&mut session, &mut unrequeued, true)?;
 
             let status = transient_ok(session.status(), last_status.clone())?;
             last_status = status.clone();
@@ -387,14 +367,7 @@ impl Supervisor {
         // tries before leaving them to expire and a later sweep.
         let give_up = Instant::now() + self.config.drain_timeout.min(Duration::from_secs(10));
         while !unrequeued.is_empty() && Instant::now() < give_up {
-            unrequeued.retain(|worker| match session.requeue_worker(worker) {
-                Ok(moved) => {
-                    self.metrics
-                        .requeued(RequeueCause::DeadWorker, moved.total());
-                    false
-                }
-                Err(_) => true,
-            });
+            self.requeue_dead(&mut session, &mut unrequeued, false)?;
             if !unrequeued.is_empty() {
                 std::thread::sleep(TICK);
             }
@@ -424,6 +397,41 @@ impl Supervisor {
             interrupted: stop_began.is_some() && status.pending + status.running > 0,
             status,
         })
+    }
+
+    /// Takes back the leases of the dead workers in `unrequeued`; those the
+    /// database refused for now stay in it, to be tried again (said in the
+    /// log when `say_refused`). An error retrying cannot mend is returned.
+    fn requeue_dead(
+        &self,
+        session: &mut Session,
+        unrequeued: &mut Vec<String>,
+        say_refused: bool,
+    ) -> Result<()> {
+        let mut i = 0;
+        while i < unrequeued.len() {
+            match session.requeue_worker(&unrequeued[i]) {
+                Ok(moved) => {
+                    let worker = unrequeued.remove(i);
+                    let (pending, failed) = (moved.pending, moved.failed);
+                    let never_started = moved.never_started;
+                    info!(
+                        %worker, pending, never_started, failed,
+                        "requeued the dead worker's leases"
+                    );
+                    self.metrics
+                        .requeued(RequeueCause::DeadWorker, moved.total());
+                }
+                Err(e) if e.is_transient() => {
+                    if say_refused {
+                        warn!(error = %e, "cannot requeue a dead worker's leases yet");
+                    }
+                    i += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Starts the slot's worker; returns false if it could not be started

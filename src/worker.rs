@@ -82,6 +82,8 @@ type Hook = Box<dyn FnMut() + Send>;
 pub struct Cancel {
     state: Mutex<(Option<CancelReason>, Option<Hook>)>,
     started: OnceLock<Instant>,
+    /// The worker's `timeout`: how long the item may run once started.
+    limit: Option<Duration>,
 }
 
 impl std::fmt::Debug for Cancel {
@@ -139,6 +141,14 @@ impl Cancel {
     /// When an executor started the item; `None` while it waits for one.
     pub fn started(&self) -> Option<Instant> {
         self.started.get().copied()
+    }
+
+    /// When the item's time is up, if it has a timeout and has started. The
+    /// worker's loop cancels it then, and a handler that can may cancel
+    /// itself (the command runner does: the loop may be waiting for the
+    /// write lock at that moment).
+    pub fn deadline(&self) -> Option<Instant> {
+        Some(self.started()? + self.limit?)
     }
 
     fn mark_started(&self) {
@@ -396,7 +406,8 @@ impl Worker {
         });
         // What the executors run, in a file that outlives this process:
         // if it dies, only those items are charged an attempt.
-        let slots = match RunningSlots::create(self.queue.path(), &self.id, k) {
+        let limit = crate::queue::busy::limit();
+        let slots = match RunningSlots::create(self.queue.path(), &self.id, k, limit) {
             Ok(s) => Some(Arc::new(s)),
             Err(error) => {
                 warn!(
@@ -1030,7 +1041,10 @@ impl Loop<'_> {
     }
 
     fn dispatch(&mut self, job: Job) {
-        let cancel = Arc::new(Cancel::default());
+        let cancel = Arc::new(Cancel {
+            limit: self.cfg.timeout,
+            ..Cancel::default()
+        });
         let flight = InFlight {
             job: job.clone(),
             cancel: cancel.clone(),
@@ -1206,7 +1220,7 @@ impl Loop<'_> {
     /// and a sweeper on this machine lets them be meanwhile.
     fn writing(&self, on: bool) {
         if let Some(slots) = &self.slots {
-            slots.writing(on.then(|| (now_ms(), crate::queue::busy::limit())));
+            slots.writing(on.then(now_ms));
         }
     }
 

@@ -1122,10 +1122,7 @@ impl Session {
                 .map_err(|e| Error::sqlite(&db, e))?;
             if let Some((pid, on)) = row {
                 let pid = libc::pid_t::try_from(pid).unwrap_or(0);
-                // SAFETY: signal 0 only checks that the process exists.
-                let gone = pid > 0
-                    && unsafe { libc::kill(pid, 0) } != 0
-                    && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+                let gone = pid > 0 && !crate::exec::process_alive(pid);
                 if on == host && gone {
                     running::remove_slots(&db, &owner);
                 }

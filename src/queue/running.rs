@@ -172,32 +172,37 @@ const WRITING: i64 = -1;
 const WRITE_LIMIT: i64 = -2;
 
 impl RunningSlots {
-    /// Makes the file with `slots` empty slots; dropping removes it.
-    pub fn create(db: &Path, worker: &str, slots: usize) -> std::io::Result<RunningSlots> {
+    /// Makes the file with `slots` empty slots, for a worker that waits
+    /// at most `write_limit` for the write lock; dropping removes it.
+    pub fn create(
+        db: &Path,
+        worker: &str,
+        slots: usize,
+        write_limit: Duration,
+    ) -> std::io::Result<RunningSlots> {
         let slots = slots.max(1);
         let cells = Cells::create(slots_path(db, worker), 2 * slots + 4, true)?;
         let marks = RunningSlots { cells, slots };
-        let at = marks.cells.len() - 4;
+        let at = 2 * slots;
+        let limit = i64::try_from(write_limit.as_millis()).unwrap_or(i64::MAX);
         marks.cells.cell(at).store(WRITING, Ordering::Release);
         marks
             .cells
             .cell(at + 2)
             .store(WRITE_LIMIT, Ordering::Release);
+        marks.cells.cell(at + 3).store(limit, Ordering::Release);
         Ok(marks)
     }
 
     /// The worker is in a write (waiting for the lock, or holding it)
-    /// since `since` ms, with `limit` the longest it waits; `None`: not
-    /// writing. A sweeper on this machine leaves the leases of a worker
-    /// shown waiting alone for that long: it could not extend them.
-    pub fn writing(&self, since: Option<(i64, Duration)>) {
-        let at = self.cells.len() - 4;
-        if let Some((_, limit)) = since {
-            let ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
-            self.cells.cell(at + 3).store(ms, Ordering::Release);
-        }
-        let since = since.map_or(0, |(ms, _)| ms);
-        self.cells.cell(at + 1).store(since, Ordering::Release);
+    /// since `since` ms; `None`: not writing. A sweeper on this machine
+    /// leaves the leases that expired during such a wait alone for as long
+    /// as it may last: the worker could not extend them.
+    pub fn writing(&self, since: Option<i64>) {
+        let at = 2 * self.slots;
+        self.cells
+            .cell(at + 1)
+            .store(since.unwrap_or(0), Ordering::Release);
     }
 
     /// Executor `slot` now runs the item `(id, token)`.
@@ -264,7 +269,7 @@ mod tests {
     fn what_executors_run_is_readable_after_the_map_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("q.db");
-        let slots = RunningSlots::create(&db, "host-1-abc", 3).unwrap();
+        let slots = RunningSlots::create(&db, "host-1-abc", 3, Duration::from_secs(60)).unwrap();
         slots.set(0, 7, 2);
         slots.set(2, 9, 1);
         slots.set(1, 8, 5);
@@ -272,7 +277,7 @@ mod tests {
         assert_eq!(read_slots(&db, "host-1-abc"), Some(vec![(7, 2), (9, 1)]));
         // The write mark is not a slot, and says nothing until set.
         assert_eq!(read_writing(&db, "host-1-abc"), None);
-        slots.writing(Some((1234, Duration::from_secs(60))));
+        slots.writing(Some(1234));
         let mark = Some((1234, Duration::from_secs(60)));
         assert_eq!(read_writing(&db, "host-1-abc"), mark);
         assert_eq!(read_slots(&db, "host-1-abc"), Some(vec![(7, 2), (9, 1)]));
@@ -283,12 +288,12 @@ mod tests {
         assert_eq!(read_slots(&db, "host-1-abc"), Some(vec![(7, 2), (9, 1)]));
         remove_slots(&db, "host-1-abc");
         assert_eq!(read_slots(&db, "host-1-abc"), None);
-        let slots = RunningSlots::create(&db, "w/2", 1).unwrap();
+        let slots = RunningSlots::create(&db, "w/2", 1, Duration::from_secs(60)).unwrap();
         assert!(slots_path(&db, "w/2").ends_with("q.db-running-772f32"));
         assert_ne!(slots_path(&db, "w/2"), slots_path(&db, "w_2"));
         assert!(made_since_boot(&slots_path(&db, "w/2")));
         // An id in use keeps its file: a second one is refused.
-        assert!(RunningSlots::create(&db, "w/2", 1).is_err());
+        assert!(RunningSlots::create(&db, "w/2", 1, Duration::from_secs(60)).is_err());
         drop(slots);
         assert_eq!(read_slots(&db, "w/2"), None);
     }

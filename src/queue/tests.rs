@@ -722,7 +722,7 @@ fn a_dead_worker_is_charged_only_for_the_items_it_was_running() {
     let held = queue.claim("w", 4, LEASE).unwrap();
     // Its executors ran "b" and "d"; "a" and "c" waited for one.
     let db = dir.path().join("q.db");
-    let slots = running::RunningSlots::create(&db, "w", 2).unwrap();
+    let slots = running::RunningSlots::create(&db, "w", 2, LIMIT).unwrap();
     slots.set(0, held[1].id, held[1].token);
     slots.set(1, held[3].id, held[3].token);
     std::mem::forget(slots); // it died: the file stays
@@ -768,7 +768,7 @@ fn an_item_held_at_every_death_is_charged_in_the_end() {
         register(&queue, &id);
         queue.claim(&id, 1, LEASE).unwrap();
         // Its executors never got to run it.
-        std::mem::forget(running::RunningSlots::create(&db, &id, 1).unwrap());
+        std::mem::forget(running::RunningSlots::create(&db, &id, 1, LIMIT).unwrap());
         queue.requeue_worker(&id).unwrap();
         let row = &queue.session().unwrap().list(None, None).unwrap()[0];
         after.push((row.status.clone(), row.attempts));
@@ -785,7 +785,7 @@ fn an_item_held_at_every_death_is_charged_in_the_end() {
     );
     register(&queue, "w3");
     queue.claim("w3", 1, LEASE).unwrap();
-    std::mem::forget(running::RunningSlots::create(&db, "w3", 1).unwrap());
+    std::mem::forget(running::RunningSlots::create(&db, "w3", 1, LIMIT).unwrap());
     queue.requeue_worker("w3").unwrap();
     let row = &queue.session().unwrap().list(None, None).unwrap()[0];
     assert_eq!((row.status.as_str(), row.attempts), ("failed", 2));
@@ -816,6 +816,9 @@ fn an_item_held_at_every_death_is_charged_in_the_end() {
 
 /// A worker shown waiting for the lock since T keeps the leases that
 /// expired during that wait, not those that expired before it began.
+/// A worker's wait for the write lock, as written in its running file.
+const LIMIT: Duration = Duration::from_secs(60);
+
 #[test]
 fn a_sweep_spares_only_the_leases_that_expired_while_their_owner_waited() {
     let (dir, queue) = fresh();
@@ -823,12 +826,12 @@ fn a_sweep_spares_only_the_leases_that_expired_while_their_owner_waited() {
     let db = dir.path().join("q.db");
     register(&queue, "w");
     queue.claim("w", 2, LEASE).unwrap();
-    let slots = running::RunningSlots::create(&db, "w", 2).unwrap();
+    let slots = running::RunningSlots::create(&db, "w", 2, LIMIT).unwrap();
     slots.set(0, 1, 1);
     slots.set(1, 2, 1);
     let now = now_ms();
     let since = now - 5_000;
-    slots.writing(Some((since, Duration::from_secs(60))));
+    slots.writing(Some(since));
     let s = queue.session().unwrap();
     s.connection()
         .execute(
@@ -848,7 +851,7 @@ fn a_sweep_spares_only_the_leases_that_expired_while_their_owner_waited() {
         [(&b"before"[..], "pending"), (&b"during"[..], "running")]
     );
     // Once it may no longer be waiting, the other goes too.
-    slots.writing(Some((now - 70_000, Duration::from_secs(60))));
+    slots.writing(Some(now - 70_000));
     assert_eq!(queue.requeue_expired().unwrap().total(), 1);
 }
 
@@ -868,7 +871,7 @@ fn a_running_file_of_another_machine_is_not_trusted() {
         .unwrap();
     queue.claim("far", 2, LEASE).unwrap();
     let db = dir.path().join("q.db");
-    std::mem::forget(running::RunningSlots::create(&db, "far", 1).unwrap());
+    std::mem::forget(running::RunningSlots::create(&db, "far", 1, LIMIT).unwrap());
     let moved = queue.requeue_worker("far").unwrap();
     assert_eq!(moved.never_started, 0, "both charged: {moved:?}");
     let rows = queue.session().unwrap().list(None, None).unwrap();

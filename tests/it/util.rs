@@ -171,7 +171,6 @@ impl Sandbox {
             .expect("reading attempts")
     }
 
-    /// How many items have `status`, counted in the items table itself.
     /// A connection of another program holding the queue's write lock
     /// (an open `BEGIN IMMEDIATE`) until `ROLLBACK` or drop.
     pub fn hold_write_lock(&self) -> Connection {
@@ -185,6 +184,7 @@ impl Sandbox {
         other
     }
 
+    /// How many items have `status`, counted in the items table itself.
     pub fn count(&self, status: &str) -> i64 {
         self.conn()
             .query_row(
