@@ -540,6 +540,16 @@ fn promoting_and_finding_waiting_items_use_their_index() {
     }
 }
 
+/// The schema version the file of `queue` says it has.
+fn user_version(queue: &Queue) -> i64 {
+    queue
+        .session()
+        .unwrap()
+        .connection()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap()
+}
+
 /// Makes a litework file at schema `version` with the migrations' own
 /// SQL, `edit` run in the same transaction.
 fn file_at_version(path: &Path, version: usize, edit: impl FnOnce(&Transaction<'_>)) {
@@ -577,11 +587,7 @@ fn a_version_1_file_is_migrated_with_its_counts_and_waiting_items() {
     });
     let queue = Queue::open(&path).unwrap();
     let mut s = queue.session().unwrap();
-    let version: i64 = s
-        .connection()
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(version, schema::latest());
+    assert_eq!(user_version(&queue), schema::latest());
     assert_eq!(real_counts(&queue), kept_counts(&queue));
     let claimed = queue.claim("w", 10, LEASE).unwrap();
     assert_eq!(claimed.len(), 1);
@@ -612,31 +618,23 @@ fn files_made_before_a_version_was_final_get_its_missing_column() {
         });
         let queue = Queue::open(&path).unwrap();
         add(&queue, &["a"]);
-        let mut s = queue.session().unwrap();
-        let version: i64 = s
-            .connection()
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, schema::latest());
+        assert_eq!(user_version(&queue), schema::latest());
         // Uses workers.finished (the turn) and items.given_back (the
-        // requeue of an item claimed and never started).
-        s.register_worker(&WorkerInfo {
-            id: "w".into(),
-            pid: 1,
-            host: "h".into(),
-            metrics_addr: None,
-        })
-        .unwrap();
+        // requeue, with a running file, of an item claimed and never
+        // started).
+        register(&queue, "w");
         let job = queue.claim("w", 1, LEASE).unwrap().remove(0);
         let done = Completion::Done { result: Vec::new() };
         let turn = Turn {
             finished: vec![(job, done)],
             ..Turn::default()
         };
-        s.turn("w", LEASE, &turn).unwrap();
+        queue.session().unwrap().turn("w", LEASE, &turn).unwrap();
         add(&queue, &["b"]);
         queue.claim("w", 1, LEASE).unwrap();
-        queue.requeue_worker("w").unwrap();
+        std::mem::forget(running::RunningSlots::create(&path, "w", 1, LIMIT).unwrap());
+        let moved = queue.requeue_worker("w").unwrap();
+        assert_eq!(moved.never_started, 1);
         assert_eq!(real_counts(&queue), kept_counts(&queue));
     }
 }
